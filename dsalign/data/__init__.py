@@ -1,0 +1,1 @@
+"""Data sets, readers, shard writing and the training/evaluation input pipelines."""

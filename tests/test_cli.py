@@ -1,0 +1,76 @@
+"""The command line: help for every subcommand, the shapes data set end to end, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from data_factory import write_karpathy
+
+from dsalign.cli import build_parser, main
+from dsalign.data.shards import iter_tar_samples, shard_paths
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"prepare", "info"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert len(capsys.readouterr().out) > 200
+
+
+def test_prepare_shapes_writes_ground_truth_through_the_common_path(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["prepare", "shapes", "--out", str(out), "--n-train", "40", "--n-val", "8", "--n-test", "8",
+                 "--shard-size", "16", "--quiet"]) == 0
+    assert "train: 40 images, 200 captions, 3 shards" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == "shapes" and manifest["vocab_size"] > 30
+    key, members = next(iter_tar_samples(shard_paths(out, "train")[0]))
+    meta = json.loads(members["json"])
+    assert "png" in members and meta["boxes"] and len(meta["box_labels"]) == len(meta["boxes"])
+    for caption in meta["captions"]:
+        for start, end, box in caption["spans"]:
+            assert 0 <= start < end <= len(caption["tokens"]) and 0 <= box < len(meta["boxes"])
+    assert main(["info", str(out), "--verify"]) == 0
+    assert "40 readable samples, skipped 0 samples" in capsys.readouterr().out
+
+
+def test_prepare_karpathy_and_info(tmp_path, capsys):
+    path, images = write_karpathy(tmp_path / "src", n_images=6)
+    out = tmp_path / "out"
+    assert main(["prepare", "karpathy", "--captions", str(path), "--images", str(images), "--out", str(out),
+                 "--min-count", "1", "--quiet"]) == 0
+    assert main(["info", str(out), "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["splits"]["val"]["images"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "karpathy", "--captions", "/nonexistent.json", "--images", "/tmp", "--out", "X"],
+     "file not found: /nonexistent.json"),
+    (["prepare", "karpathy", "--captions", "c.json", "--images", "/nonexistent_dir", "--out", "X"],
+     "image folder not found"),
+    (["prepare", "coco", "--captions", "a.json", "--images", "/tmp", "--out", "X"], "one --split per"),
+    (["info", "/nonexistent_dir"], "not a prepared data set"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_invalid_flag_values_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "shapes", "--out", "x", "--shard-size", "-3"])
+    assert exit_info.value.code == 2
+    assert "expected an integer >= 1, got '-3'" in capsys.readouterr().err
+
+
+def test_console_script_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "dsalign.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("dsalign ")
