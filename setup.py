@@ -15,7 +15,6 @@ import sys
 
 from setuptools import find_packages, setup
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = find_packages(include=["dsalign", "dsalign.*"]) + ["dsalign.kernels"]
 PACKAGE_DIR = {"dsalign.kernels": "kernels"}
 
@@ -63,7 +62,8 @@ def _extension_kwargs() -> dict:
             "dsalign._C",
             cpu_sources + cuda_sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
+            # No --use_fast_math: Viterbi labels on the GPU must match the CPU op exactly.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=link_args,
         )
     else:

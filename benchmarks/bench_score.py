@@ -1,0 +1,277 @@
+"""Image-sentence score (MaxSim) backends: time, throughput and peak memory, each checked first.
+
+On CPU: ``torch`` (naive einsum + masked max + sum, the 4-D similarity tensor in memory) vs ``torch_chunked``
+on small batches. On CUDA: naive ``torch``, ``torch_chunked`` and the fused ``triton`` kernel for
+B in {256, 1024, 4096} (images = sentences), R = T = 20, D in {512, 1024}, fp32 and bf16, forward and
+forward+backward, plus a dense bf16 matmul in the same run as the throughput ceiling.
+
+Before timing, every backend is checked on a sub-batch (forward and both gradients) against the float64
+``torch`` backend (itself tested against a loop-level reference in tests/test_score.py); on CUDA the full
+triton forward is also compared with fp32 ``torch_chunked``. Times are medians (CUDA events on GPU);
+TFLOP/s counts the dense-equivalent 2*B_img*B_sent*R*T*D multiply-adds per forward and 3x that for
+forward+backward (the backward is two GEMMs of the forward's size), for every backend alike. Configurations
+whose naive 4-D tensor would not fit are skipped and listed. Writes JSON.
+
+    python benchmarks/bench_score.py [--out FILE] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from dsalign.ops import score
+
+CPU_SIZES = [64, 128, 256]
+CPU_DIMS = [256]
+GPU_SIZES = [256, 1024, 4096]
+GPU_DIMS = [512, 1024]
+N_REG = N_WRD = 20
+CHECK_BATCH = 64
+# Max error relative to the largest reference magnitude; bf16 gradients carry bf16 rounding (and dL/dS
+# rounded to bf16 in the kernel's backward), TF32 would need ~1e-3 for fp32.
+CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+GPU_CHUNK_ELEMS = 1 << 26  # 256 MB fp32 blocks: the GPU needs large einsums to be busy
+
+
+def make_inputs(n_img: int, n_sent: int, dim: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Full region sets (19 boxes + the whole image in the paper) and captions of 5-20 real words."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    regions = torch.randn(n_img, N_REG, dim, device=device, generator=gen).to(dtype)
+    words = torch.randn(n_sent, N_WRD, dim, device=device, generator=gen).to(dtype)
+    region_mask = torch.ones(n_img, N_REG, dtype=torch.bool, device=device)
+    lengths = torch.randint(5, N_WRD + 1, (n_sent,), device=device, generator=gen)
+    word_mask = torch.arange(N_WRD, device=device)[None, :] < lengths[:, None]
+    return regions, region_mask, words, word_mask
+
+
+def forward_and_grads(backend: str, regions, region_mask, words, word_mask, grad, **kwargs):
+    v = regions.detach().clone().requires_grad_()
+    w = words.detach().clone().requires_grad_()
+    s = score(v, region_mask, w, word_mask, backend=backend, **kwargs)
+    s.backward(grad.to(s.dtype))
+    return s.detach(), v.grad, w.grad
+
+
+def max_rel_err(got: tuple, want: tuple) -> float:
+    return max(((g.double() - x).abs().max() / x.abs().max().clamp_min(1.0)).item()
+               for g, x in zip(got, want))
+
+
+def check(backend: str, dim: int, dtype: torch.dtype, device: str, **kwargs) -> float:
+    """Forward and both gradients on a CHECK_BATCH sub-problem vs the float64 torch backend."""
+    inputs = make_inputs(CHECK_BATCH, CHECK_BATCH + 3, dim, dtype, device, seed=1)
+    grad = torch.randn(CHECK_BATCH, CHECK_BATCH + 3, device=device, dtype=torch.float64)
+    want = forward_and_grads("torch", *(x.double() if x.is_floating_point() else x for x in inputs), grad)
+    return max_rel_err(forward_and_grads(backend, *inputs, grad, **kwargs), want)
+
+
+@torch.no_grad()
+def full_forward_error(inputs: tuple) -> float:
+    """The triton forward at full size (all tiles, large indices) vs fp32 torch_chunked."""
+    want = score(*(x.float() if x.is_floating_point() else x for x in inputs), backend="torch_chunked",
+                 chunk_elems=GPU_CHUNK_ELEMS)
+    return max_rel_err((score(*inputs, backend="triton"),), (want.double(),))
+
+
+class Timer:
+    """Median time of a callable in ms: CUDA events on GPU, wall clock on CPU.
+
+    On CPU the median process CPU time (all threads) is kept too in ``last_cpu_ms``: on a shared machine
+    it moves far less than wall time when other jobs compete for the cores.
+    """
+
+    def __init__(self, device: str, repeats: int) -> None:
+        self.device, self.repeats = device, repeats
+        self.last_cpu_ms: float | None = None
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        fn()  # warm-up (and Triton autotuning)
+        times, cpu_times = [], []
+        for _ in range(self.repeats):
+            if self.device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+                cpu_times.append((time.process_time() - c0) * 1e3)
+        self.last_cpu_ms = statistics.median(cpu_times) if cpu_times else None
+        return statistics.median(times)
+
+
+def _rss_peak_kb() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def _rss_now_kb() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def release_freed_cpu_memory() -> bool:
+    """Hand freed heap pages back to the OS (glibc malloc_trim), so that a call re-faulting them shows in
+    peak RSS instead of hiding in pages kept from earlier calls. False where that is unavailable."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory above what was allocated before the call (CUDA allocator; Linux peak RSS on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not release_freed_cpu_memory():
+        return None
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak-RSS counter (VmHWM)
+    except OSError:
+        return None
+    base = _rss_now_kb()
+    fn()
+    return (_rss_peak_kb() - base) / 1024
+
+
+def matmul_ceiling(device: str, timer: Timer) -> dict:
+    """Dense GEMM throughput in this run: bf16 8192^3 on GPU, fp32 1024^3 on CPU (no fast CPU bf16 here)."""
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = timer(lambda: a @ b)
+    return {"op": f"matmul {n}x{n}x{n}", "dtype": str(dtype).removeprefix("torch."), "ms": ms,
+            "tflops": 2 * n**3 / ms / 1e9}
+
+
+def naive_bytes(n: int, dim: int, backward: bool) -> int:
+    """The torch backend's 4-D fp32 tensors: einsum output + masked copy, and as many again for backward,
+    plus fp32 copies of the inputs."""
+    return n * n * N_REG * N_WRD * 4 * (4 if backward else 2) + 2 * n * N_REG * dim * 4
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    timer = Timer(device, args.repeats)
+    if device == "cuda":
+        sizes, dims, dtypes = GPU_SIZES, GPU_DIMS, [torch.float32, torch.bfloat16]
+        backends = {"torch": {}, "torch_chunked": {"chunk_elems": GPU_CHUNK_ELEMS}, "triton": {}}
+        name = torch.cuda.get_device_name()
+    else:
+        sizes, dims, dtypes = CPU_SIZES, CPU_DIMS, [torch.float32]
+        backends = {"torch": {}, "torch_chunked": {}}
+        name = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    report = {"benchmark": "score", "date": date.today().isoformat(), "device": name,
+              "torch": torch.__version__, "R": N_REG, "T": N_WRD,
+              "timing": "median ms" + (" (CUDA events)" if device == "cuda" else ""),
+              "ceiling": matmul_ceiling(device, timer), "results": [], "skipped": [], "failed_checks": []}
+    print(f"# {name}; ceiling {report['ceiling']['tflops']:.3f} TFLOP/s ({report['ceiling']['op']})")
+    for dtype in dtypes:
+        for dim in dims:
+            errors = {}
+            for backend, kwargs in backends.items():
+                errors[backend] = check(backend, dim, dtype, device, **kwargs)
+                if errors[backend] > CHECK_TOL[dtype]:
+                    report["failed_checks"].append({"backend": backend, "D": dim, "dtype": str(dtype),
+                                                    "max_rel_err": errors[backend]})
+            for n in sizes:
+                inputs = make_inputs(n, n, dim, dtype, device)
+                grad = torch.randn(n, n, device=device)
+                flops = 2 * n * n * N_REG * N_WRD * dim
+                if "triton" in backends and (err := full_forward_error(inputs)) > CHECK_TOL[dtype]:
+                    report["failed_checks"].append({"backend": "triton", "B": n, "D": dim,
+                                                    "dtype": str(dtype), "full_forward_rel_err": err})
+                for backend, kwargs in backends.items():
+                    for backward in (False, True):
+                        row = {"B": n, "D": dim, "dtype": str(dtype).removeprefix("torch."),
+                               "backend": backend, "pass": "fwd+bwd" if backward else "fwd",
+                               "check_max_rel_err": errors[backend]}
+                        free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
+                        if (backend == "torch" and free is not None
+                                and naive_bytes(n, dim, backward) > 0.8 * free):
+                            report["skipped"].append({**row, "reason": "naive 4-D tensor would not fit"})
+                            continue
+                        fn = _step(backend, inputs, grad, backward, kwargs)
+                        try:
+                            ms = timer(fn)
+                            cpu_ms = timer.last_cpu_ms
+                            peak = peak_memory_mb(fn, device)
+                        except torch.OutOfMemoryError:
+                            report["skipped"].append({**row, "reason": "out of memory"})
+                            torch.cuda.empty_cache()
+                            continue
+                        row.update(ms=ms, tflops=flops * (3 if backward else 1) / ms / 1e9, peak_mem_mb=peak)
+                        if cpu_ms is not None:
+                            row["cpu_ms"] = cpu_ms
+                        report["results"].append(row)
+                        cpu = "" if cpu_ms is None else f" (cpu {cpu_ms:7.1f} ms)"
+                        print(f"{row['dtype']:>8} D={dim:<5} B={n:<5} {backend:>13} {row['pass']:>7}: "
+                              f"{ms:9.2f} ms{cpu} {row['tflops']:8.3f} TFLOP/s peak {_fmt_mb(peak)} "
+                              f"check err {errors[backend]:.1e}")
+    for skipped in report["skipped"]:
+        print(f"skipped: {skipped}")
+    return report
+
+
+def _fmt_mb(peak: float | None) -> str:
+    return "n/a" if peak is None else f"{peak:9.1f} MB"
+
+
+def _step(backend: str, inputs: tuple, grad: torch.Tensor, backward: bool,
+          kwargs: dict) -> Callable[[], object]:
+    regions, region_mask, words, word_mask = inputs
+    if not backward:
+        def forward() -> object:
+            with torch.no_grad():
+                return score(regions, region_mask, words, word_mask, backend=backend, **kwargs)
+        return forward
+    v = regions.detach().clone().requires_grad_()
+    w = words.detach().clone().requires_grad_()
+
+    def forward_backward() -> object:
+        v.grad = w.grad = None
+        score(v, region_mask, w, word_mask, backend=backend, **kwargs).backward(grad)
+        return v.grad
+    return forward_backward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/score_<cpu|cuda>.json)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    report = run(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = args.out or Path(__file__).parent / "results" / f"score_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    if report["failed_checks"]:
+        print(f"FAILED checks: {report['failed_checks']}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

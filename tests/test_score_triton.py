@@ -1,0 +1,101 @@
+"""The fused Triton MaxSim kernel against the float64 loop reference (under TRITON_INTERPRET=1 on CPU).
+
+Tolerances, relative to the largest reference magnitude: fp32 inputs 1e-5 for S and both gradients (fp32
+accumulation; on a GPU with TF32 enabled expect ~1e-3). bf16 inputs are compared with the reference evaluated
+on the same bf16-rounded values: S is fp32 (exact bf16 products, fp32 sums) so 1e-5; the gradients are stored
+in bf16 and, on GPU, built from dL/dS rounded to bf16, so 2^-7.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or dsalign.kernels is first imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from dsalign.kernels import interpreted, maxsim_forward, maxsim_score  # noqa: E402
+from dsalign.kernels.maxsim import _argmax_dtype  # noqa: E402
+from score_reference import ragged_inputs, reference  # noqa: E402
+
+from dsalign.ops import score, word_region_similarity  # noqa: E402
+
+DEVICE = "cpu" if interpreted() or not torch.cuda.is_available() else "cuda"
+# (B_img, B_sent, R, T, D). The interpreter config tiles 64 rows x 64 columns, so R = T = 20 (padded to 32)
+# gives 2 images x 2 sentences per program and a 3 x 3 grid for (5, 6); D = 70 is not a multiple of the
+# 32-wide D-chunk; R = T = 64 fills a tile with one pair; (20, 19, 3, 3) needs 2 x 2 tiles of 16 x 16 pairs;
+# R = 100 (padded to 128) exceeds the 64-row tile, which then grows to one image.
+SHAPES = [(3, 4, 5, 7, 40), (1, 3, 1, 1, 16), (5, 6, 20, 20, 70), (2, 3, 64, 64, 24), (20, 19, 3, 3, 33),
+          (2, 2, 100, 3, 16)]
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2**-7)}
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual.double().cpu(), expected, rtol=0, atol=rel * scale)
+
+
+def run(regions, region_mask, words, word_mask, grad, save_argmax=True):
+    v = regions.to(DEVICE).requires_grad_()
+    w = words.to(DEVICE).requires_grad_()
+    s = maxsim_score(v, region_mask.to(DEVICE), w, word_mask.to(DEVICE), save_argmax=save_argmax)
+    s.backward(grad.to(DEVICE, torch.float32))
+    return s, v.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_reference(shape, dtype):
+    regions, region_mask, words, word_mask = ragged_inputs(*shape, dtype=dtype, seed=sum(shape))
+    grad = torch.randn(shape[0], shape[1], dtype=torch.float64)
+    s, gv, gw = run(regions, region_mask, words, word_mask, grad)
+    ref_s, ref_gv, ref_gw = reference(regions, region_mask, words, word_mask, grad)
+    s_tol, g_tol = TOLERANCES[dtype]
+    assert s.dtype == torch.float32 and gv.dtype == gw.dtype == dtype
+    close(s, ref_s, s_tol)
+    close(gv, ref_gv, g_tol)
+    close(gw, ref_gw, g_tol)
+    assert (s[:, -1] == 0).all() and (gw[-1] == 0).all()
+    if shape[0] > 1:
+        assert (s[1] == 0).all() and (gv[1] == 0).all()
+
+
+def test_argmax_saved_or_recomputed_and_deterministic():
+    regions, region_mask, words, word_mask = ragged_inputs(4, 5, 6, 7, 40, dtype=torch.float32)
+    grad = torch.randn(4, 5, dtype=torch.float64)
+    first = run(regions, region_mask, words, word_mask, grad, save_argmax=True)
+    again = run(regions, region_mask, words, word_mask, grad, save_argmax=True)
+    recomputed = run(regions, region_mask, words, word_mask, grad, save_argmax=False)
+    for a, b, c in zip(first, again, recomputed):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_argmax_matches_word_region_similarity():
+    regions, region_mask, words, word_mask = ragged_inputs(3, 4, 9, 6, 20, dtype=torch.float32)
+    _, argmax = maxsim_forward(regions.to(DEVICE), region_mask.to(DEVICE), words.to(DEVICE),
+                               word_mask.to(DEVICE), return_argmax=True)
+    assert argmax.dtype == torch.int8 and argmax.shape == (3, 4, 6)
+    pairs = [(k, j) for k in range(3) for j in range(4)]
+    best = word_region_similarity(regions, region_mask, words, word_mask, pairs).best_region
+    assert torch.equal(argmax.cpu().long().reshape(12, 6), best)
+
+
+def test_strided_inputs_and_dispatch():
+    regions, region_mask, words, word_mask = ragged_inputs(3, 2, 4, 5, 36, dtype=torch.float32)
+    strided_words = words.transpose(1, 2).contiguous().transpose(1, 2)  # D is not the innermost stride
+    s = score(regions.to(DEVICE), region_mask.to(DEVICE), strided_words.to(DEVICE), word_mask.to(DEVICE),
+              backend="triton")
+    grad = torch.zeros(3, 2, dtype=torch.float64)
+    close(s, reference(regions, region_mask, words, word_mask, grad)[0], 1e-5)
+
+
+def test_empty_batch_and_argmax_dtypes():
+    s, argmax = maxsim_forward(torch.zeros(0, 3, 16, device=DEVICE), torch.zeros(0, 3, dtype=torch.bool,
+                               device=DEVICE), torch.zeros(2, 4, 16, device=DEVICE),
+                               torch.ones(2, 4, dtype=torch.bool, device=DEVICE), return_argmax=True)
+    assert s.shape == (0, 2) and argmax.shape == (0, 2, 4)
+    assert [_argmax_dtype(r) for r in (1, 128, 129, 32768, 40000)] == [
+        torch.int8, torch.int8, torch.int16, torch.int16, torch.int32]
