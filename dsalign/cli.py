@@ -147,20 +147,22 @@ def _run_info(args: argparse.Namespace) -> None:
     if args.verify:
         from dsalign.data.verify import verify_split
 
-        for split in manifest["splits"]:
+        for split in sorted(manifest["splits"], key=_split_order):
             print(f"  {split:>5}: {verify_split(args.folder, split)}")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in shapes data set",
-                          description="Generate the shapes scenes, write shards, and run every built stage on "
-                                      "them, printing where each output went.")
+                          description="Generate the shapes scenes, write image shards, extract region features, "
+                                      "train the alignment model and evaluate retrieval on the test split, "
+                                      "printing where each output went (a few minutes on a laptop CPU).")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     demo.add_argument("--n-train", type=_positive, default=2000, help="training scenes (default 2000)")
     demo.add_argument("--n-val", type=_positive, default=200, help="validation scenes (default 200)")
     demo.add_argument("--n-test", type=_positive, default=200, help="test scenes (default 200)")
+    demo.add_argument("--steps", type=_positive, default=300, help="alignment training steps (default 300)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--workers", type=_non_negative, default=2, help="data loader workers (default 2)")
+    demo.add_argument("--workers", type=_non_negative, default=0, help="data loader workers (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_run_demo)
 
@@ -169,11 +171,16 @@ def _run_demo(args: argparse.Namespace) -> None:
     from dsalign.demo import format_summary, run_demo
 
     summary = run_demo(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
-                       num_workers=args.workers, progress=not args.quiet)
+                       steps=args.steps, num_workers=args.workers, progress=not args.quiet)
     print(format_summary(summary))
 
 
-COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (_add_prepare, _add_info, _add_demo)
+def _commands() -> Sequence[Callable[[argparse._SubParsersAction], None]]:
+    from dsalign.features.cli import add_parser as add_features
+    from dsalign.snippet_cli import add_align_parser
+    from dsalign.train.cli import add_train_parser
+
+    return (_add_prepare, _add_info, add_features, add_train_parser, add_align_parser, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deep visual-semantic alignments (Karpathy & Fei-Fei, CVPR 2015): data preparation, "
                     "region features, alignment training, snippet alignment, captioning and evaluation.")
     parser.add_argument("--version", action="version", version=f"dsalign {__version__}")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; the rank comes from LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
+    for add in _commands():
         add(sub)
     return parser
 

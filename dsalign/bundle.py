@@ -1,0 +1,129 @@
+"""Portable inference bundles of the alignment model: safetensors weights + JSON config + vocab.json.
+
+Nothing in a bundle is pickled, so loading one never runs code. ``config.json`` records the SHA-256 of the
+other two files; a tampered, truncated or mismatched bundle fails with a :class:`BundleError` that says which
+file is wrong. Bundles are written into a temporary folder and renamed into place, so a reader never sees a
+half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dsalign.models.alignment import AlignmentConfig, AlignmentModel
+from dsalign.text import Vocabulary
+
+BUNDLE_FORMAT = "dsalign-alignment-bundle/1"
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+VOCAB = "vocab.json"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or used."""
+
+
+@dataclass
+class AlignmentBundle:
+    """A loaded bundle: the model in eval mode, its vocabulary, and what produced its features."""
+
+    model: AlignmentModel
+    vocab: Vocabulary
+    config: AlignmentConfig
+    features: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_bundle(model: AlignmentModel, vocab: Vocabulary, out_dir: str | Path, features: dict | None = None,
+                  info: dict | None = None) -> Path:
+    """Write a bundle to ``out_dir`` (replacing one that is there).
+
+    ``features`` describes the CNN/region source the model expects (from the feature manifest), ``info``
+    anything worth keeping (step, val recall).
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS))
+    vocab.save(tmp / VOCAB)
+    config = {
+        "format": BUNDLE_FORMAT,
+        "model": model.config.to_dict(),
+        "features": features or {},
+        "info": info or {},
+        "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)},
+    }
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    old = out.with_name(f".old-{out.name}")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def load_alignment_bundle(path: str | Path, device: str | torch.device = "cpu") -> AlignmentBundle:
+    """Load and validate a bundle; BundleError names the file and the problem."""
+    root = Path(path)
+    if not (root / CONFIG).is_file():
+        raise BundleError(f"{root}: not an alignment bundle (no {CONFIG})")
+    try:
+        config = json.loads((root / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{root / CONFIG}: unreadable: {exc}") from exc
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{root / CONFIG}: not a {BUNDLE_FORMAT} bundle")
+    hashes = config.get("sha256")
+    if not isinstance(hashes, dict):
+        raise BundleError(f"{root / CONFIG}: no 'sha256' table")
+    for name in (WEIGHTS, VOCAB):
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"{root}: missing {name}")
+        if _sha256(file) != hashes.get(name):
+            raise BundleError(f"{file}: contents do not match the SHA-256 in {CONFIG} (truncated or altered)")
+    try:
+        model_config = AlignmentConfig.from_dict(config.get("model") or {})
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{root / CONFIG}: bad model config: {exc}") from exc
+    try:
+        vocab = Vocabulary.load(root / VOCAB)
+    except ValueError as exc:
+        raise BundleError(f"{root / VOCAB}: {exc}") from exc
+    if len(vocab) != model_config.vocab_size:
+        raise BundleError(f"{root}: vocab.json has {len(vocab)} words but the model expects "
+                          f"{model_config.vocab_size}")
+    try:
+        state = load_file(str(root / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise BundleError(f"{root / WEIGHTS}: unreadable: {exc}") from exc
+    model = AlignmentModel(model_config)
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise BundleError(f"{root / WEIGHTS}: tensors do not match the model (missing {missing}, extra {extra})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise BundleError(f"{root / WEIGHTS}: {name} has shape {tuple(tensor.shape)}, expected "
+                              f"{tuple(expected[name].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise BundleError(f"{root / WEIGHTS}: {name} holds non-finite values")
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return AlignmentBundle(model, vocab, model_config, config.get("features") or {}, config.get("info") or {})

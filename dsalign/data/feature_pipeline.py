@@ -1,0 +1,109 @@
+"""Reading region-feature shards (written by ``dsalign features``) for training and evaluation.
+
+Plugs into :class:`~dsalign.data.pipeline.ShardStream` / ``ShardLoader`` like the image decoder does::
+
+    stream = ShardStream(shard_paths(folder, "train"), FeatureSampleDecoder(vocab), collate_features, 100, ...)
+
+A sample whose features are missing, unreadable, non-finite or of the wrong shape is skipped and counted as
+``bad_features``; malformed region boxes count as ``bad_boxes``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsalign.data.manifest import load_manifest
+from dsalign.data.pipeline import (
+    RawSample,
+    SampleError,
+    decode_boxes,
+    decode_captions,
+    decode_meta,
+    pad_boxes,
+    pad_captions,
+)
+from dsalign.text import Vocabulary
+
+FEATURE_MEMBER = "npy"
+
+
+def load_feature_manifest(folder: str | Path) -> dict:
+    """The manifest of a feature folder (``feature_dim``, ``max_regions``, ``backbone``, splits, ...);
+    ValueError when ``folder`` holds images rather than features."""
+    manifest = load_manifest(folder)
+    if manifest.get("kind") != "features":
+        raise ValueError(f"{folder} is not a feature folder (run `dsalign features` on it first)")
+    return manifest
+
+
+def _decode_features(raw: RawSample, feature_dim: int | None) -> np.ndarray:
+    if FEATURE_MEMBER not in raw:
+        raise SampleError("bad_features", "no feature member")
+    try:
+        array = np.load(io.BytesIO(raw[FEATURE_MEMBER]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SampleError("bad_features", str(exc)) from exc
+    if array.dtype not in (np.float16, np.float32) or array.ndim != 2 or array.shape[0] == 0:
+        raise SampleError("bad_features", f"expected float [R, F], got {array.dtype} {array.shape}")
+    if feature_dim is not None and array.shape[1] != feature_dim:
+        raise SampleError("bad_features", f"feature size {array.shape[1]}, expected {feature_dim}")
+    if not np.isfinite(array).all():
+        raise SampleError("bad_features", "non-finite value")
+    return array
+
+
+@dataclass
+class FeatureSampleDecoder:
+    """Raw feature-shard sample → dict with region features [R, F], region boxes [R, 4] and captions.
+
+    ``feature_dim`` (from the manifest) makes a sample of another width a skip instead of a collate crash;
+    ``keep_fp16`` keeps the stored float16 (half the host memory) instead of converting to float32.
+    """
+
+    vocab: Vocabulary
+    max_len: int | None = None
+    feature_dim: int | None = None
+    keep_fp16: bool = False
+
+    def __call__(self, key: str, raw: RawSample) -> dict:
+        meta = decode_meta(raw)
+        ids, raws = decode_captions(meta, self.vocab, self.max_len)
+        features = _decode_features(raw, self.feature_dim)
+        region_boxes = meta.get("region_boxes")
+        if not isinstance(region_boxes, list) or len(region_boxes) != features.shape[0]:
+            raise SampleError("bad_features", "region_boxes do not match the feature rows")
+        boxes = decode_boxes({"boxes": region_boxes})
+        regions = torch.from_numpy(features.astype(np.float16 if self.keep_fp16 else np.float32, copy=True))
+        return {
+            "key": key,
+            "image_id": str(meta.get("image_id", key)),
+            "regions": regions,
+            "boxes": boxes,
+            "captions": ids,
+            "raw_captions": raws,
+        }
+
+
+def collate_features(samples: list[dict]) -> dict:
+    """Zero-pad regions to the batch's largest count: ``regions`` [B, R, F], ``region_mask`` [B, R] (True =
+    real region), ``boxes`` [B, R, 4], plus ``tokens``/``token_mask``/``caption_mask`` as for images."""
+    n_regions = max(len(s["regions"]) for s in samples)
+    first = samples[0]["regions"]
+    regions = torch.zeros(len(samples), n_regions, first.shape[1], dtype=first.dtype)
+    for b, sample in enumerate(samples):
+        regions[b, : len(sample["regions"])] = sample["regions"]
+    boxes = pad_boxes(samples)
+    return {
+        "keys": [s["key"] for s in samples],
+        "image_ids": [s["image_id"] for s in samples],
+        "regions": regions,
+        "region_mask": boxes["box_mask"],
+        "boxes": boxes["boxes"],
+        "raw_captions": [s["raw_captions"] for s in samples],
+        **pad_captions(samples),
+    }

@@ -1,0 +1,186 @@
+"""The alignment model of the paper: region projection (Eq. 1) and the sentence BRNN (Eqs. 2-6).
+
+Both map into one ``embed_dim``-dimensional space (the paper's h); the image-sentence score (Eq. 8) comes from
+:func:`dsalign.ops.score.score` on the outputs, so the model itself holds no pairwise logic and can be used
+for training, retrieval and word-region alignment alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dsalign.text import Vocabulary
+
+
+@dataclass
+class AlignmentConfig:
+    """Sizes and switches of :class:`AlignmentModel` (serialised into checkpoints and bundles).
+
+    The paper uses embed_dim (h) 1000-1600, 300-d word vectors and a 300-600 BRNN hidden size; the smaller
+    defaults keep CPU training fast and are ample for the shapes data.
+    """
+
+    vocab_size: int
+    feature_dim: int
+    embed_dim: int = 256
+    word_dim: int = 300
+    hidden_dim: int = 256
+    dropout: float = 0.2
+    freeze_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "feature_dim", "embed_dim", "word_dim", "hidden_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AlignmentConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def lengths_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row count of real positions; the mask must be a prefix (right padding), as ``pad_captions`` makes."""
+    lengths = mask.sum(1)
+    prefix = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
+    if not torch.equal(prefix, mask.bool()):
+        raise ValueError("word masks must be right-padded (real words first, then padding)")
+    return lengths
+
+
+def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each row's first ``lengths[b]`` steps of x [B, T, ...] and leave the padding in place.
+
+    The backward pass of the BRNN then starts at each sentence's own last real word; the permutation is its
+    own inverse, so the same call maps the results back.
+    """
+    steps = torch.arange(x.shape[1], device=x.device)
+    index = torch.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+class SentenceBRNN(nn.Module):
+    """Eqs. 2-6 with f = ReLU; returns word vectors s_t [B, T, embed_dim], zero at padded positions.
+
+    e_t for all t comes from one matmul; the loop over T only runs the two hidden recurrences, stacked into
+    one batched matmul per step. Dropout sits on the non-recurrent inputs x_t and (hf_t + hb_t).
+    """
+
+    def __init__(self, config: AlignmentConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.word_dim)  # W_w
+        self.embedding.weight.requires_grad_(not config.freeze_word_embeddings)
+        self.w_e = nn.Linear(config.word_dim, config.hidden_dim)
+        self.w_f = nn.Linear(config.hidden_dim, config.hidden_dim)  # weight W_f, bias b_f
+        self.w_b = nn.Linear(config.hidden_dim, config.hidden_dim)  # weight W_b, bias b_b
+        self.w_d = nn.Linear(config.hidden_dim, config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        lengths = lengths_from_mask(token_mask)
+        e = F.relu(self.w_e(self.dropout(self.embedding(tokens))))  # [B, T, H]
+        e_both = torch.stack([e, reverse_within_length(e, lengths)])  # [2, B, T, H]: forward, backward order
+        weight = torch.stack([self.w_f.weight.T, self.w_b.weight.T])  # [2, H, H]
+        bias = torch.stack([self.w_f.bias, self.w_b.bias])[:, None, :]  # [2, 1, H]
+        hidden = e_both.new_zeros(e_both.shape[0], e_both.shape[1], e_both.shape[3])
+        outputs = []
+        for t in range(e_both.shape[2]):
+            hidden = F.relu(torch.baddbmm(e_both[:, :, t] + bias, hidden, weight))
+            outputs.append(hidden)
+        h = torch.stack(outputs, dim=2)  # [2, B, T, H]
+        both = h[0] + reverse_within_length(h[1], lengths)
+        s = F.relu(self.w_d(self.dropout(both)))
+        return s * token_mask[:, :, None].to(s.dtype)
+
+
+class AlignmentModel(nn.Module):
+    """Region projection v = W_m CNN + b_m (Eq. 1) and the sentence BRNN, both into the h-dim space."""
+
+    def __init__(self, config: AlignmentConfig):
+        super().__init__()
+        self.config = config
+        self.region_proj = nn.Linear(config.feature_dim, config.embed_dim)  # W_m, b_m
+        self.region_dropout = nn.Dropout(config.dropout)
+        self.brnn = SentenceBRNN(config)
+
+    def encode_images(self, regions: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        """Region vectors v [B, R, h] (zero at padded regions) from CNN features [B, R, F]."""
+        v = self.region_proj(self.region_dropout(regions.to(self.region_proj.weight.dtype)))
+        return v * region_mask[:, :, None].to(v.dtype)
+
+    def encode_sentences(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Word vectors s [B, T, h] (zero at padded words) from token ids [B, T]."""
+        return self.brnn(tokens, token_mask)
+
+    def forward(self, regions: torch.Tensor, region_mask: torch.Tensor, tokens: torch.Tensor,
+                token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_images(regions, region_mask), self.encode_sentences(tokens, token_mask)
+
+
+def read_word_vectors(path: str | Path, vocab: Vocabulary) -> tuple[dict[int, list[float]], int]:
+    """Vectors for the vocabulary's words from a word2vec/GloVe *text* file: {token id: vector}, dimension.
+
+    A first line of two integers (word2vec's "count dim" header) is skipped; lines of another width are an
+    error naming the line, since a mixed file means a wrong file.
+    """
+    found: dict[int, list[float]] = {}
+    dim = 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            parts = line.rstrip().split(" ")
+            if number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue
+            if len(parts) < 2:
+                continue
+            if dim == 0:
+                dim = len(parts) - 1
+            if len(parts) - 1 != dim:
+                raise ValueError(f"{path}:{number}: expected {dim} values, got {len(parts) - 1}")
+            index = vocab.stoi.get(parts[0])
+            if index is None or index in found:
+                continue
+            try:
+                values = [float(x) for x in parts[1:]]
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: {exc}") from exc
+            if not all(math.isfinite(x) for x in values):
+                raise ValueError(f"{path}:{number}: non-finite value")
+            found[index] = values
+    if dim == 0:
+        raise ValueError(f"{path}: no word vectors found")
+    return found, dim
+
+
+def init_word_embeddings(model: AlignmentModel, path: str | Path, vocab: Vocabulary) -> dict:
+    """Copy the file's vectors into W_w; words missing from the file keep their random init.
+
+    Returns coverage numbers for the log: words found / vocabulary words (specials excluded).
+    """
+    vectors, dim = read_word_vectors(path, vocab)
+    weight = model.brnn.embedding.weight
+    if dim != weight.shape[1]:
+        raise ValueError(f"{path} holds {dim}-d vectors but model.word_dim is {weight.shape[1]}")
+    if len(vocab) != weight.shape[0]:
+        raise ValueError(f"vocabulary has {len(vocab)} words but the model has {weight.shape[0]} embeddings")
+    with torch.no_grad():
+        for index, values in vectors.items():
+            weight[index] = torch.tensor(values, dtype=weight.dtype)
+    words = len(vocab) - 4
+    hits = sum(1 for index in vectors if index >= 4)
+    return {"found": hits, "words": words, "coverage": hits / max(words, 1)}

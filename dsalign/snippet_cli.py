@@ -1,0 +1,92 @@
+"""``dsalign align``: register with ``add_align_parser(subparsers)`` (see :mod:`dsalign.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _float_list(value: str) -> list[float]:
+    """argparse type: comma-separated floats (a β sweep)."""
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from exc
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from exc
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return number
+
+
+def add_align_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``align`` subcommand to the ``dsalign`` command line."""
+    cmd = sub.add_parser(
+        "align", help="snippet alignment: alignment bundle + feature shards -> region-snippet shards",
+        description="Embed every (image, caption) pair of a split with a trained alignment bundle, assign each "
+                    "word a region with the Potts chain MRF (Viterbi, bonus --beta for staying on one region), "
+                    "and write one snippet shard per feature shard: per snippet its fp16 region feature, box, "
+                    "tokens, source image id + caption index and score (mean word-region similarity). "
+                    "--evaluate instead scores the alignment against the shapes ground truth; --picture draws "
+                    "one image's alignments.")
+    cmd.add_argument("--bundle", required=True, type=Path, help="alignment bundle (from `dsalign train align`)")
+    cmd.add_argument("--features", required=True, type=Path, help="feature folder (from `dsalign features`)")
+    cmd.add_argument("--out", type=Path, help="output folder for the snippet shards")
+    cmd.add_argument("--beta", type=float, default=0.0,
+                     help="bonus for consecutive words on one region: 0 = per-word argmax, large = one region "
+                          "per caption (default 0)")
+    cmd.add_argument("--objects-only", action="store_true",
+                     help="keep words off region 0 (the whole image) where an image has other regions "
+                          "(default: the paper's setting, the whole image is a region like any other)")
+    cmd.add_argument("--split", default="train", help="split of the feature folder to align (default train)")
+    cmd.add_argument("--batch-size", type=_positive, default=64, help="images per batch (default 64)")
+    cmd.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    cmd.add_argument("--resume", action="store_true", help="keep finished output shards, redo the rest")
+    cmd.add_argument("--evaluate", type=_float_list, metavar="BETAS",
+                     help="shapes data: print word->object accuracy and boundary F1 for these β "
+                          "(comma-separated) on --split and exit")
+    cmd.add_argument("--limit", type=_positive, help="--evaluate: at most this many images")
+    cmd.add_argument("--picture", type=Path, metavar="PNG", help="draw --show-image's alignments into this PNG")
+    cmd.add_argument("--show-image", help="image id for --picture (default: the split's first image)")
+    cmd.add_argument("--images", type=Path,
+                     help="--picture: the image folder the features came from (default: the feature "
+                          "manifest's source)")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=_run_align)
+
+
+def _run_align(args: argparse.Namespace) -> None:
+    from dsalign.bundle import load_alignment_bundle
+    from dsalign.snippet_align import align_folder, sweep_beta
+
+    bundle = load_alignment_bundle(args.bundle, args.device)
+    if args.evaluate:
+        for row in sweep_beta(bundle.model, bundle.vocab, args.features, args.evaluate, args.split,
+                              args.batch_size, args.limit, whole_image=not args.objects_only,
+                              device=args.device):
+            print(json.dumps(row, sort_keys=True))
+        return
+    if args.picture:
+        from dsalign.viz import picture_for
+
+        image_id = picture_for(bundle.model, bundle.vocab, args.features, args.picture, args.beta, args.split,
+                               args.show_image, args.images, args.device,
+                               whole_image=not args.objects_only)
+        print(f"align: {image_id} -> {args.picture}")
+        return
+    if args.out is None:
+        raise ValueError("--out is required (unless --evaluate or --picture is given)")
+    sha = json.loads((args.bundle / "config.json").read_text()).get("sha256", {}).get("weights.safetensors", "")
+    manifest = align_folder(bundle.model, bundle.vocab, args.features, args.out, args.beta, args.split,
+                            args.batch_size, args.resume, args.device, model_id=sha, progress=not args.quiet,
+                            whole_image=not args.objects_only)
+    info = manifest["splits"][args.split]
+    print(f"align {args.split}: {info.get('images', 0)} images, {info.get('pairs', 0)} pairs -> "
+          f"{info.get('snippets', 0)} snippets in {len(info['shards'])} shards (beta {args.beta}, "
+          f"{manifest['resumed_shards']} kept from a previous run) -> {args.out}")

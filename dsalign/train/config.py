@@ -1,0 +1,214 @@
+"""The alignment training config: a JSON file of sections, validated strictly.
+
+Unknown keys, wrong types and impossible values raise one :class:`ConfigError` that names the key
+(``train.batch_size must be an integer >= 1, got -3``), before anything expensive starts. Relative paths are
+relative to the working directory the command runs in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the offending key."""
+
+
+def _spec(minimum: float | None = None, maximum: float | None = None, choices: tuple | None = None,
+          above: float | None = None) -> dict:
+    return {"min": minimum, "max": maximum, "choices": choices, "above": above}
+
+
+@dataclass
+class DataConfig:
+    """Where the feature shards are and how they are read."""
+
+    features: str = field(default="", metadata=_spec())
+    train_split: str = "train"
+    val_split: str | None = "val"
+    num_workers: int = field(default=0, metadata=_spec(0))
+    shuffle_buffer: int = field(default=1000, metadata=_spec(1))
+    max_len: int | None = field(default=None, metadata=_spec(1))
+    captions_per_image: int = field(default=5, metadata=_spec(1))
+    val_batch_size: int = field(default=100, metadata=_spec(1))
+
+
+@dataclass
+class ModelConfig:
+    """Model sizes (see :class:`dsalign.models.alignment.AlignmentConfig`) and the word-vector file."""
+
+    embed_dim: int = field(default=256, metadata=_spec(1))
+    word_dim: int = field(default=300, metadata=_spec(1))
+    hidden_dim: int = field(default=256, metadata=_spec(1))
+    dropout: float = field(default=0.2, metadata=_spec(0.0, 0.99))
+    freeze_word_embeddings: bool = False
+    word_vectors: str | None = None
+
+
+@dataclass
+class LossConfig:
+    """Eq. 9: margin (paper: 1), sum over negatives or the hardest one (VSE++), sum or mean over pairs."""
+
+    margin: float = field(default=1.0, metadata=_spec(0.0))
+    hardest_negative: bool = False
+    reduction: str = field(default="sum", metadata=_spec(choices=("sum", "mean")))
+
+
+@dataclass
+class OptimConfig:
+    """A torch optimizer handed to DeepSpeed (a config optimizer would build fused ops for minutes on CPU).
+
+    grad_clip_norm is DeepSpeed's global-norm clip (0 = off); the paper clipped elementwise at 5.
+    """
+
+    name: str = field(default="adam", metadata=_spec(choices=("adam", "adamw", "sgd")))
+    lr: float = field(default=2e-4, metadata=_spec(above=0.0))
+    weight_decay: float = field(default=0.0, metadata=_spec(0.0))
+    momentum: float = field(default=0.9, metadata=_spec(0.0, 1.0))
+    grad_clip_norm: float = field(default=5.0, metadata=_spec(0.0))
+
+
+@dataclass
+class TrainLoopConfig:
+    """Steps, batches and the run folder. batch_size is per rank; the global batch is batch_size x ranks."""
+
+    out_dir: str = field(default="runs/align", metadata=_spec())
+    batch_size: int = field(default=100, metadata=_spec(1))
+    batches_per_epoch: int = field(default=100, metadata=_spec(1))
+    max_steps: int = field(default=1000, metadata=_spec(1))
+    seed: int = 0
+    log_every: int = field(default=10, metadata=_spec(1))
+    eval_every: int = field(default=200, metadata=_spec(0))
+    checkpoint_every: int = field(default=200, metadata=_spec(0))
+    keep_checkpoints: int = field(default=3, metadata=_spec(1))
+    score_backend: str | None = field(default=None, metadata=_spec(choices=("torch", "torch_chunked", "triton")))
+    threads: int | None = field(default=None, metadata=_spec(1))
+    device: str = field(default="auto", metadata=_spec())
+
+
+@dataclass
+class DistributedConfig:
+    """DeepSpeed engine settings. precision auto = bf16 autocast on CUDA, fp32 on CPU.
+
+    deepspeed_config: an optional DeepSpeed JSON (e.g. launch/ds_zero2_cpu.json) whose batch sizes and
+    gradient clipping are overwritten from this config, so the two can never disagree.
+    """
+
+    zero_stage: int = field(default=0, metadata=_spec(0, 2))
+    precision: str = field(default="auto", metadata=_spec(choices=("auto", "fp32", "bf16")))
+    deepspeed_config: str | None = None
+    timeout_s: float = field(default=600.0, metadata=_spec(above=0.0))
+    shm_comm: bool = False
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(kind: object) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+
+
+def _check_value(key: str, value: object, annotation: object, spec: dict) -> object:
+    args = typing.get_args(annotation)
+    optional = isinstance(annotation, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    kind = next(a for a in args if a is not type(None)) if optional else annotation
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, kind)  # type: ignore[arg-type]
+    if not ok:
+        raise ConfigError(f"{key} must be {_type_name(kind)}{' or null' if optional else ''}, got {value!r}")
+    if spec.get("choices") is not None and value not in spec["choices"]:
+        raise ConfigError(f"{key} must be one of {list(spec['choices'])}, got {value!r}")
+    low, high, above = spec.get("min"), spec.get("max"), spec.get("above")
+    if (low is not None and value < low) or (high is not None and value > high) or \
+            (above is not None and value <= above):
+        bounds = f"> {above}" if above is not None else f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{key} must be {bounds}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: object, prefix: str) -> object:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"unknown config key {prefix + '.' if prefix else ''}{unknown[0]}{where} "
+                          f"(known: {', '.join(sorted(fields))})")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], value, key)
+        else:
+            values[name] = _check_value(key, value, hints[name], dict(fields[name].metadata))
+    return cls(**values)
+
+
+def parse_config(data: object) -> TrainConfig:
+    """Validate a decoded JSON document into a :class:`TrainConfig`."""
+    config = _build(TrainConfig, data, "")
+    assert isinstance(config, TrainConfig)
+    if not config.data.features:
+        raise ConfigError("data.features is required: a folder written by `dsalign features`")
+    if not config.train.out_dir:
+        raise ConfigError("train.out_dir must not be empty")
+    return config
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` in place; the value is JSON when it parses as JSON, else a string."""
+    key, sep, raw = assignment.partition("=")
+    parts = key.split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{parts[0]} must be a JSON object")
+    section[parts[1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read, override and validate a config file; every problem is one ConfigError."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a JSON object")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_config(data)

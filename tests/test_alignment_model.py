@@ -1,0 +1,136 @@
+"""The alignment model (Eqs. 1-6), the ranking loss (Eq. 9), word-vector init and portable bundles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dsalign.bundle import BundleError, export_bundle, load_alignment_bundle
+from dsalign.models.alignment import AlignmentConfig, AlignmentModel, init_word_embeddings
+from dsalign.models.losses import ranking_loss
+from dsalign.text import Vocabulary
+
+
+def _model(**overrides) -> AlignmentModel:
+    torch.manual_seed(0)
+    config = dict(vocab_size=30, feature_dim=12, embed_dim=8, word_dim=6, hidden_dim=5, dropout=0.0)
+    return AlignmentModel(AlignmentConfig(**{**config, **overrides})).double()
+
+
+def _brnn_reference(model: AlignmentModel, words: list[int]) -> torch.Tensor:
+    """Eqs. 2-6 literally, one unpadded sentence at a time."""
+    b = model.brnn
+    x = [b.embedding.weight[w] for w in words]
+    e = [F.relu(b.w_e.weight @ xt + b.w_e.bias) for xt in x]
+    n, h = len(words), b.w_f.weight.shape[0]
+    hf, hb = [None] * n, [None] * n
+    prev = torch.zeros(h, dtype=torch.float64)
+    for t in range(n):
+        prev = hf[t] = F.relu(e[t] + b.w_f.weight @ prev + b.w_f.bias)
+    prev = torch.zeros(h, dtype=torch.float64)
+    for t in reversed(range(n)):
+        prev = hb[t] = F.relu(e[t] + b.w_b.weight @ prev + b.w_b.bias)
+    return torch.stack([F.relu(b.w_d.weight @ (hf[t] + hb[t]) + b.w_d.bias) for t in range(n)])
+
+
+def test_brnn_matches_equations_and_ignores_padding() -> None:
+    model = _model().eval()
+    sentences = [[5, 7, 9, 11, 4], [6], [8, 8, 3]]
+    for pad_to in (5, 9):
+        tokens = torch.zeros(len(sentences), pad_to, dtype=torch.long)
+        mask = torch.zeros(len(sentences), pad_to, dtype=torch.bool)
+        for i, words in enumerate(sentences):
+            tokens[i, : len(words)] = torch.tensor(words)
+            mask[i, : len(words)] = True
+        tokens[~mask] = 13  # garbage in the padding must not matter
+        s = model.encode_sentences(tokens, mask)
+        assert s.shape == (3, pad_to, 8)
+        for i, words in enumerate(sentences):
+            torch.testing.assert_close(s[i, : len(words)], _brnn_reference(model, words))
+            assert (s[i, len(words):] == 0).all()
+
+
+def test_left_padding_is_rejected() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="right-padded"):
+        model.encode_sentences(torch.ones(1, 3, dtype=torch.long), torch.tensor([[False, True, True]]))
+
+
+def test_region_projection_and_frozen_embeddings() -> None:
+    model = _model(freeze_word_embeddings=True)
+    regions = torch.randn(2, 4, 12, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    v = model.encode_images(regions, mask)
+    torch.testing.assert_close(v[0, :2], regions[0, :2] @ model.region_proj.weight.T + model.region_proj.bias)
+    assert (v[0, 2:] == 0).all()
+    assert not model.brnn.embedding.weight.requires_grad
+
+
+def _loss_reference(s: torch.Tensor, margin: float, hardest: bool) -> float:
+    n, total = s.shape[0], 0.0
+    for k in range(n):
+        rows = [max(0.0, float(s[k, j] - s[k, k] + margin)) for j in range(n) if j != k]
+        cols = [max(0.0, float(s[j, k] - s[k, k] + margin)) for j in range(n) if j != k]
+        total += (max(rows) + max(cols)) if hardest else (sum(rows) + sum(cols))
+    return total
+
+
+@pytest.mark.parametrize("hardest", [False, True])
+def test_ranking_loss_matches_eq9(hardest: bool) -> None:
+    torch.manual_seed(1)
+    s = torch.randn(6, 6, dtype=torch.float64) * 2
+    assert float(ranking_loss(s, 0.7, hardest)) == pytest.approx(_loss_reference(s, 0.7, hardest))
+    mean = ranking_loss(s, 0.7, hardest, reduction="mean")
+    assert float(mean) == pytest.approx(_loss_reference(s, 0.7, hardest) / 6)
+    with pytest.raises(ValueError, match="margin"):
+        ranking_loss(s, -1.0)
+
+
+def test_word_vectors_init_reports_coverage(tmp_path) -> None:
+    vocab = Vocabulary(["red", "circle", "square"])
+    path = tmp_path / "vectors.txt"
+    path.write_text("3 6\nred 1 2 3 4 5 6\nunknownword 0 0 0 0 0 0\ncircle 6 5 4 3 2 1\n")
+    model = _model(vocab_size=len(vocab))
+    before = model.brnn.embedding.weight.detach().clone()
+    coverage = init_word_embeddings(model, path, vocab)
+    assert coverage == {"found": 2, "words": 3, "coverage": pytest.approx(2 / 3)}
+    weight = model.brnn.embedding.weight.detach()
+    assert weight[vocab.stoi["red"]].tolist() == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(weight[vocab.stoi["square"]], before[vocab.stoi["square"]])
+    path.write_text("red 1 2 3\n")
+    with pytest.raises(ValueError, match="3-d vectors"):
+        init_word_embeddings(model, path, vocab)
+
+
+def test_bundle_round_trip_and_tampering(tmp_path) -> None:
+    vocab = Vocabulary([f"w{i}" for i in range(26)])
+    model = _model().float()
+    out = export_bundle(model, vocab, tmp_path / "bundle", {"backbone": "x"}, {"step": 3})
+    loaded = load_alignment_bundle(out)
+    assert loaded.config == model.config and loaded.features == {"backbone": "x"} and loaded.info == {"step": 3}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+    weights = out / "weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="truncated or altered"):
+        load_alignment_bundle(out)
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(BundleError, match="SHA-256"):
+        load_alignment_bundle(out)
+    weights.write_bytes(data)
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["embed_dim"] = 9
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="shape"):
+        load_alignment_bundle(out)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(BundleError, match="unreadable"):
+        load_alignment_bundle(out)
+    with pytest.raises(BundleError, match="not an alignment bundle"):
+        load_alignment_bundle(tmp_path)

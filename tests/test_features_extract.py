@@ -1,0 +1,269 @@
+"""``dsalign features``: image shards → feature shards, read back by the training/evaluation pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
+from dsalign.data.manifest import load_manifest, write_manifest
+from dsalign.data.pipeline import ShardLoader, ShardStream
+from dsalign.data.prepare import prepare_dataset
+from dsalign.data.shapes import generate_shapes
+from dsalign.data.shards import ShardWriter, iter_tar_samples, shard_paths
+from dsalign.features import cli as features_cli
+from dsalign.features.extract import FeatureConfig, FeatureExtractor, extract_features
+from dsalign.text import Vocabulary
+
+SIZE = 64  # small CNN input: these tests prove plumbing, test_features_model.py proves the features
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+    return FeatureExtractor(FeatureConfig(regions="given", image_size=SIZE), batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory) -> Path:
+    """6 train images in 3 shards (2 each) + 2 val images in 1 shard."""
+    out = tmp_path_factory.mktemp("images")
+    records = [*generate_shapes(6, "train", seed=1, image_size=96), *generate_shapes(2, "val", seed=1, image_size=96)]
+    prepare_dataset(records, out, "shapes", shard_size=2, min_count=1, progress=False)
+    return out
+
+
+def _run(src: Path, out: Path, extractor: FeatureExtractor, **kwargs) -> dict | None:
+    return extract_features(src, out, extractor.config, extractor=extractor, progress=False, **kwargs)
+
+
+def _read_split(folder: Path, split: str, **decoder_kwargs) -> tuple[list[dict], ShardLoader]:
+    vocab = Vocabulary.load(folder / "vocab.json")
+    stream = ShardStream(shard_paths(folder, split), FeatureSampleDecoder(vocab, **decoder_kwargs),
+                         collate_features, batch_size=4, mode="eval", rank=0, world_size=1)
+    loader = ShardLoader(stream)
+    return list(loader), loader
+
+
+def test_round_trip_written_equals_read_back(tmp_path, images_dir, extractor):
+    out = tmp_path / "features"
+    manifest = _run(images_dir, out, extractor)
+    assert manifest == load_feature_manifest(out)
+    assert manifest["kind"] == "features" and manifest["backbone"] == "efficientnet-lite0"
+    assert (manifest["feature_dim"], manifest["region_source"], manifest["top_k"]) == (1280, "given", 19)
+    assert manifest["splits"]["train"]["images"] == 6 and len(manifest["splits"]["train"]["shards"]) == 3
+    assert (out / "vocab.json").read_bytes() == (images_dir / "vocab.json").read_bytes()
+
+    batches, loader = _read_split(out, "train")
+    assert loader.report() == "skipped 0 samples"
+    source = {key: members for url in shard_paths(images_dir, "train") for key, members in iter_tar_samples(url)}
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(source)
+    vocab = Vocabulary.load(out / "vocab.json")
+    keys = sorted(source)
+    metas = {key: json.loads(source[key]["json"]) for key in keys}
+    images = [Image.open(io.BytesIO(source[key]["png"])).convert("RGB") for key in keys]
+    expected = dict(zip(keys, extractor.extract(images, [metas[key] for key in keys])))
+    for batch in batches:
+        assert batch["regions"].dtype == torch.float32 and batch["regions"].shape[-1] == 1280
+        assert batch["region_mask"].shape == batch["regions"].shape[:2] == batch["boxes"].shape[:2]
+        for b, key in enumerate(batch["keys"]):
+            meta = metas[key]
+            n = int(batch["region_mask"][b].sum())
+            assert n == len(meta["boxes"]) + 1 and not batch["region_mask"][b, n:].any()
+            torch.testing.assert_close(batch["regions"][b, :n], expected[key].features.half().float(),
+                                       atol=0.02, rtol=0.01)  # batch composition changes float rounding
+            assert batch["boxes"][b, 1:n].tolist() == torch.tensor(meta["boxes"]).tolist()
+            assert batch["image_ids"][b] == meta["image_id"]
+            assert batch["raw_captions"][b] == [c["raw"] for c in meta["captions"]]
+            first = batch["tokens"][b, 0, : int(batch["token_mask"][b, 0].sum())].tolist()
+            assert first == vocab.encode(meta["captions"][0]["tokens"])
+    stored = dict(iter_tar_samples(out / "train" / "train-000000.tar"))
+    meta_out = json.loads(next(iter(stored.values()))["json"])
+    meta_in = json.loads(source[next(iter(stored))]["json"])
+    assert meta_out["region_boxes"][1:] == meta_in["boxes"]  # given boxes pass through exactly
+    for field in ("captions", "boxes", "box_labels", "extra", "image_id", "split"):
+        assert meta_out[field] == meta_in[field]
+    fp16, _ = _read_split(out, "val", keep_fp16=True)
+    assert fp16[0]["regions"].dtype == torch.float16
+
+
+def test_proposal_threads_give_identical_shards(tmp_path, images_dir, extractor):
+    config = FeatureConfig(regions="selective-search", top_k=5, image_size=SIZE)
+    outputs = []
+    for workers in (0, 2):
+        threaded = FeatureExtractor(config, batch_size=1, backbone=extractor.backbone, workers=workers)
+        _run(images_dir, tmp_path / str(workers), threaded)
+        outputs.append([p.read_bytes() for p in sorted((tmp_path / str(workers)).rglob("*.tar"))])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 4
+
+
+def test_a_killed_run_resumes_without_recomputing_finished_shards(tmp_path, images_dir, extractor, monkeypatch):
+    reference = _run(images_dir, tmp_path / "reference", extractor)
+    out = tmp_path / "features"
+    flush = FeatureExtractor._flush
+    flushed: list[int] = []
+
+    def killed_in_second_shard(self, pending, writer, *args):
+        if pending:
+            flushed.append(len(pending))
+            if len(flushed) == 2:  # each 2-image shard is one batch: this dies inside train-000001
+                writer.write(pending[0].key, {"json": b"{}"})  # half written
+                raise KeyboardInterrupt
+        return flush(self, pending, writer, *args)
+
+    monkeypatch.setattr(FeatureExtractor, "_flush", killed_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _run(images_dir, out, extractor)
+    monkeypatch.setattr(FeatureExtractor, "_flush", flush)
+    kept = out / "train" / "train-000000.tar"
+    kept_stamp = kept.stat().st_mtime_ns
+    assert not (out / "train" / "train-000001.tar").exists() and not (out / "manifest.json").exists()
+    (stale,) = (out / "train").glob(".tmp-train-000001.tar-*")  # the half shard, under its temporary name
+    with pytest.raises(ValueError, match="not empty"):
+        _run(images_dir, out, extractor)
+
+    done: list[str] = []
+    process = FeatureExtractor.process_shard
+
+    def spy(self, url, path, *args, **kwargs):
+        done.append(Path(url).name)
+        return process(self, url, path, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureExtractor, "process_shard", spy)
+    resumed = _run(images_dir, out, extractor, resume=True)
+    assert done == ["train-000001.tar", "train-000002.tar", "val-000000.tar"]
+    assert kept.stat().st_mtime_ns == kept_stamp and not stale.exists()
+    assert {k: v for k, v in resumed.items() if k != "source"} == {k: v for k, v in reference.items() if k != "source"}
+    for shard in reference["splits"]["train"]["shards"]:
+        assert (out / shard).read_bytes() == (tmp_path / "reference" / shard).read_bytes()
+
+    other = FeatureExtractor(FeatureConfig(regions="grid", top_k=3, image_size=SIZE), batch_size=3,
+                             backbone=extractor.backbone)
+    with pytest.raises(ValueError, match="different settings"):
+        _run(images_dir, out, other, resume=True)
+    manifest = _run(images_dir, out, other, overwrite=True)
+    assert manifest["region_source"] == "grid" and manifest["max_regions"] == 4
+    shutil.copytree(images_dir, tmp_path / "images")
+    with pytest.raises(ValueError, match="not a feature folder"):
+        _run(images_dir, tmp_path / "images", other, overwrite=True)  # never clears an image folder
+    assert load_manifest(tmp_path / "images") == load_manifest(images_dir)
+
+
+def test_ranks_split_the_shards_evenly_and_rank_zero_writes_the_manifest(tmp_path, images_dir, extractor):
+    out = tmp_path / "features"
+    shards = [rel for split in ("train", "val") for rel in load_manifest(images_dir)["splits"][split]["shards"]]
+    assert _run(images_dir, out, extractor, rank=1, world_size=2) is None
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == sorted(shards[1::2])
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(RuntimeError, match="still unfinished"):  # rank 0 of 5: the other ranks never come
+        _run(images_dir, tmp_path / "other", extractor, rank=0, world_size=5, wait_timeout=0.2, poll_s=0.05)
+    manifest = _run(images_dir, out, extractor, rank=0, world_size=2)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == sorted(shards)
+    assert manifest["splits"]["train"]["images"] == 6 and manifest["splits"]["val"]["images"] == 2
+
+
+def test_bad_inputs_are_skipped_and_counted(tmp_path, extractor):
+    src = tmp_path / "images"
+    good = [r for r in generate_shapes(3, "train", seed=2, image_size=64)]
+    with ShardWriter(src / "train", "train") as writer:
+        for i, record in enumerate(good):
+            meta = {"image_id": record.image_id, "split": "train", "boxes": record.boxes,
+                    "captions": [{"raw": c.raw, "tokens": c.tokens} for c in record.captions]}
+            members = {"json": json.dumps(meta).encode(), "png": record.image_bytes}
+            if i == 1:
+                members["png"] = b"\x89PNG garbage, not an image"
+            if i == 2:
+                meta["boxes"] = [[0.5, 0.5, 0.1, 0.9]]
+                members["json"] = json.dumps(meta).encode()
+            writer.write(f"{i:09d}", members)
+        writer.write("000000009", {"png": good[0].image_bytes})  # no metadata
+    whole = src / "train" / "train-000000.tar"
+    with tarfile.open(whole) as tar:  # cut the copy inside the first image: a shard truncated mid-download
+        cut = tar.getmember("000000000.png").offset_data + 10
+    (src / "train" / "train-000001.tar").write_bytes(whole.read_bytes()[:cut])
+    Vocabulary(["a"]).save(src / "vocab.json")
+    write_manifest(src, {"name": "bad", "vocab": "vocab.json", "vocab_size": 5, "splits": {"train": {
+        "images": 4, "captions": 0, "shards": ["train/train-000000.tar", "train/train-000001.tar"], "skipped": {}}}})
+
+    manifest = _run(src, tmp_path / "features", extractor)
+    counts = manifest["splits"]["train"]["skipped"]
+    assert counts == {"bad_boxes": 1, "bad_image": 1, "corrupt_shard": 1, "missing_image": 1, "missing_metadata": 1}
+    reasons = {(s["shard"], s["key"], s["reason"]) for s in manifest["skipped"]}
+    assert reasons == {("train/train-000000.tar", "000000001", "bad_image"),
+                       ("train/train-000000.tar", "000000002", "bad_boxes"),
+                       ("train/train-000000.tar", "000000009", "missing_metadata"),
+                       ("train/train-000001.tar", "000000000", "missing_image"),  # its image was cut off
+                       ("train/train-000001.tar", None, "corrupt_shard")}
+    assert manifest["splits"]["train"]["images"] == 1
+    assert len(list(iter_tar_samples(tmp_path / "features" / "train" / "train-000001.tar"))) == 0
+
+
+def _feature_sample(features: np.ndarray, boxes: list) -> dict[str, bytes]:
+    buffer = io.BytesIO()
+    np.save(buffer, features, allow_pickle=False)
+    meta = {"image_id": "x", "captions": [{"raw": "a b", "tokens": ["a", "b"]}], "region_boxes": boxes}
+    return {"json": json.dumps(meta).encode(), "npy": buffer.getvalue()}
+
+
+def test_feature_decoder_skips_bad_features(tmp_path):
+    good = np.ones((2, 8), dtype=np.float16)
+    boxes = [[0, 0, 1, 1], [0.1, 0.1, 0.5, 0.5]]
+    samples = {
+        "good": _feature_sample(good, boxes),
+        "nan": _feature_sample(np.full((2, 8), np.nan, dtype=np.float16), boxes),
+        "inf": _feature_sample(np.array([[np.inf] * 8, [0] * 8], dtype=np.float32), boxes),
+        "flat": _feature_sample(np.ones(16, dtype=np.float16), boxes),
+        "width": _feature_sample(np.ones((2, 4), dtype=np.float16), boxes),
+        "rows": _feature_sample(good, boxes[:1]),
+        "ints": _feature_sample(np.ones((2, 8), dtype=np.int64), boxes),
+        "nonpy": {"json": _feature_sample(good, boxes)["json"]},
+        "garbage": {**_feature_sample(good, boxes), "npy": b"\x93NUMPY garbage"},
+    }
+    with ShardWriter(tmp_path, "f") as writer:
+        for key, members in samples.items():
+            writer.write(key, members)
+    vocab = Vocabulary(["a", "b"])
+    stream = ShardStream([str(p) for p in writer.paths], FeatureSampleDecoder(vocab, feature_dim=8),
+                         collate_features, batch_size=8, mode="eval", rank=0, world_size=1)
+    loader = ShardLoader(stream)
+    (batch,) = list(loader)
+    assert batch["keys"] == ["good"] and loader.skipped == {"bad_features": len(samples) - 1}
+    assert batch["regions"].shape == (1, 2, 8) and batch["region_mask"].all()
+    assert batch["tokens"].tolist() == [[[vocab.encode(["a"])[0], vocab.encode(["b"])[0]]]]
+
+
+def test_collate_pads_regions_and_masks():
+    a = {"key": "a", "image_id": "a", "regions": torch.ones(3, 4), "boxes": torch.rand(3, 4),
+         "captions": [[5, 6]], "raw_captions": ["x y"]}
+    b = {"key": "b", "image_id": "b", "regions": torch.full((1, 4), 2.0), "boxes": torch.rand(1, 4),
+         "captions": [[5], [7, 8, 9]], "raw_captions": ["x", "z z z"]}
+    batch = collate_features([a, b])
+    assert batch["regions"].shape == (2, 3, 4) and batch["regions"][1, 1:].eq(0).all()
+    assert batch["region_mask"].tolist() == [[True, True, True], [True, False, False]]
+    assert batch["tokens"].shape == (2, 2, 3) and batch["caption_mask"].tolist() == [[True, False], [True, True]]
+
+
+def test_cli_parser_runs_the_extraction(tmp_path, images_dir, capsys):
+    parser = argparse.ArgumentParser(prog="dsalign")
+    features_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "features"
+    args = parser.parse_args(["features", str(images_dir), "--out", str(out), "--regions", "grid", "--top-k",
+                              "4", "--image-size", str(SIZE), "--batch-size", "4", "--threads", "1", "--quiet"])
+    args.func(args)
+    assert "efficientnet-lite0 1280-d features, grid regions (top 4 + whole image)" in capsys.readouterr().out
+    assert load_feature_manifest(out)["max_regions"] == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["features", str(images_dir), "--out", str(out), "--top-k", "-1"])
+    with pytest.raises(ValueError, match="not a feature folder"):
+        load_feature_manifest(images_dir)

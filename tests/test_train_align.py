@@ -1,0 +1,219 @@
+"""The alignment trainer: strict config, caption sampling, end-to-end runs on tiny shapes features, exact
+resume after SIGKILL, and a 2-rank torchrun run that loses a rank and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsalign.train.align import pick_captions
+from dsalign.train.checkpoint import CheckpointError, find_latest, load_file, read_meta
+from dsalign.train.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "dsalign.cli", "train", "align"]
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 train / 10 val shapes scenes, 64-px whole image + 4 grid regions of efficientnet-lite0 features."""
+    from dsalign.cli import main
+    from dsalign.features.extract import FeatureConfig, extract_features
+
+    root = tmp_path_factory.mktemp("shapes")
+    assert main(["prepare", "shapes", "--out", str(root / "img"), "--n-train", "48", "--n-val", "10",
+                 "--n-test", "0", "--image-size", "64", "--min-count", "1", "--quiet"]) == 0
+    torch.set_num_threads(1)
+    extract_features(root / "img", root / "feat", FeatureConfig(regions="grid", top_k=4, image_size=64),
+                     progress=False)
+    return root / "feat"
+
+
+def _config(tmp_path: Path, features: Path, **train: object) -> Path:
+    data = {
+        "data": {"features": str(features), "shuffle_buffer": 16, "val_batch_size": 8},
+        "model": {"embed_dim": 16, "word_dim": 8, "hidden_dim": 12, "dropout": 0.1},
+        "loss": {"reduction": "mean"},
+        "optim": {"lr": 0.003},
+        "train": {"out_dir": str(tmp_path / "run"), "batch_size": 8, "batches_per_epoch": 5, "max_steps": 12,
+                  "log_every": 1, "eval_every": 6, "checkpoint_every": 2, "keep_checkpoints": 2, "threads": 1,
+                  **train},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _final_state(run: Path) -> tuple[dict, dict]:
+    latest = find_latest(run / "checkpoints")
+    assert latest is not None
+    meta = read_meta(latest)
+    return meta, {**load_file(latest, "model.pt"), **{f"opt/{k}": v for k, v in
+                                                     _flat(load_file(latest, "rank0.pt")["optimizer"]).items()}}
+
+
+def _flat(tree: object, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}/").items()}
+    return {prefix: tree}
+
+
+def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] >= step
+                                    for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.02)
+
+
+# --- config -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"train": {"batch_sise": 3}}, "unknown config key train.batch_sise"),
+    ({"trian": {}}, "unknown config key trian"),
+    ({"train": {"batch_size": -3}}, "train.batch_size must be >= 1, got -3"),
+    ({"train": {"batch_size": "8"}}, "train.batch_size must be an integer"),
+    ({"train": {"batch_size": 8.0}}, "train.batch_size must be an integer"),
+    ({"loss": {"margin": -0.5}}, "loss.margin must be >= 0.0"),
+    ({"loss": {"hardest_negative": 1}}, "loss.hardest_negative must be true or false"),
+    ({"optim": {"lr": 0}}, "optim.lr must be > 0.0"),
+    ({"optim": {"name": "adagrad"}}, "optim.name must be one of"),
+    ({"distributed": {"zero_stage": 3}}, "distributed.zero_stage must be in [0, 2]"),
+    ({"data": {"features": None}}, "data.features must not be null"),
+    ({"model": []}, "model must be a JSON object"),
+])
+def test_bad_config_names_the_key(patch: dict, message: str) -> None:
+    data: dict = {"data": {"features": "x"}}
+    for section, values in patch.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert message in str(err.value)
+
+
+def test_config_file_overrides_and_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dsalign.cli import main
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data": {"features": "f"}, "loss": {"margin": 0.2}}))
+    config = load_config(path, ["train.max_steps=7", "loss.hardest_negative=true", "train.out_dir=o"])
+    assert (config.train.max_steps, config.loss.hardest_negative, config.loss.margin) == (7, True, 0.2)
+    assert config.train.out_dir == "o"
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["max_steps=3"])
+    path.write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(path)
+    path.write_text(json.dumps({"data": {"features": "f"}, "train": {"batch_size": 0}}))
+    assert main(["train", "align", "--config", str(path)]) == 2
+    assert "train.batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_pick_captions_takes_one_real_caption_per_image() -> None:
+    tokens = torch.tensor([[[5, 6, 0], [7, 0, 0]], [[8, 9, 10], [0, 0, 0]]])
+    token_mask = tokens > 0
+    caption_mask = token_mask.any(-1)
+    for seed in range(20):
+        chosen, mask = pick_captions(tokens, token_mask, caption_mask, torch.Generator().manual_seed(seed))
+        assert chosen[1].tolist() == [8, 9, 10] and mask[1].all()
+        assert chosen[0].tolist()[:2] in ([5, 6], [7, 0])
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path, features: Path) -> None:
+    """Reference run; then a run killed with SIGKILL at a random step and resumed: same final weights and
+    optimizer state, bitwise (CPU, fp32). Then: rerunning without --resume is refused, and an altered
+    checkpoint file is caught by its recorded hash."""
+    ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
+    ref_dir.mkdir(), crash_dir.mkdir()
+    config = _config(ref_dir, features)
+    _run([*TRAIN, "--config", str(config), "--export", str(ref_dir / "bundle")], ref_dir)
+    ref_meta, ref_state = _final_state(ref_dir / "run")
+    assert ref_meta["step"] == 12
+    kept = sorted(p.name for p in (ref_dir / "run" / "checkpoints").iterdir())
+    assert kept == ["latest", "step_000000010", "step_000000012"], kept  # keep_checkpoints = 2
+    rows = [json.loads(line) for line in (ref_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [6, 12] and all(0 <= r["i2t_r10"] <= 100 for r in val)
+    assert any((ref_dir / "run" / "tensorboard").iterdir())
+
+    from dsalign.bundle import load_alignment_bundle
+
+    bundle = load_alignment_bundle(ref_dir / "bundle")
+    assert bundle.info["step"] in (6, 12) and bundle.features["feature_dim"] == bundle.config.feature_dim
+
+    config = _config(crash_dir, features)
+    kill_at = random.Random().randint(3, 10)
+    proc = subprocess.Popen([*TRAIN, "--config", str(config)], cwd=crash_dir, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_step(crash_dir / "run" / "metrics.jsonl", kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at step {kill_at}"
+    _run([*TRAIN, "--config", str(config), "--resume"], crash_dir)
+    meta, state = _final_state(crash_dir / "run")
+    assert meta["step"] == 12
+    assert state.keys() == ref_state.keys()
+    for key, value in ref_state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(state[key], value), f"{key} differs after a kill at step {kill_at}"
+        else:
+            assert state[key] == value, key
+
+    again = subprocess.run([*TRAIN, "--config", str(config)], cwd=crash_dir, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    latest = find_latest(crash_dir / "run" / "checkpoints")
+    assert latest is not None
+    model = latest / "model.pt"
+    model.write_bytes(model.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        read_meta(latest)
+
+
+def test_two_ranks_under_torchrun_rank_failure_and_resume(tmp_path: Path, features: Path) -> None:
+    """2 ranks, ZeRO 1: SIGKILL of one rank ends the whole job quickly with the rank named; --resume then
+    finishes the run from the last (partitioned) checkpoint."""
+    config = _config(tmp_path, features, max_steps=8, eval_every=3, batch_size=4)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "dsalign.cli", "train", "align", "--config", str(config),
+                "--set", "distributed.zero_stage=1", "--set", "distributed.timeout_s=60"]
+    proc = subprocess.Popen(torchrun, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    _wait_for_step(tmp_path / "run" / "metrics.jsonl", 3, proc)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 2, f"expected 2 rank processes, found {children}"
+    os.kill(int(children[-1]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - killed_at < 60
+    assert "SIGKILL" in output and "FAILED" in output, output[-2000:]
+
+    result = _run([*torchrun, "--resume"], tmp_path)
+    assert "resumed at step" in result.stdout
+    meta, _ = _final_state(tmp_path / "run")
+    assert (meta["step"], meta["world_size"], meta["zero_stage"]) == (8, 2, 1)
+    assert (tmp_path / "run" / "checkpoints" / "step_000000008" / "rank1.pt").is_file()
