@@ -1,7 +1,8 @@
 """Image-sentence score (MaxSim) backends: time, throughput and peak memory, each checked first.
 
 On CPU: ``torch`` (naive einsum + masked max + sum, the 4-D similarity tensor in memory) vs ``torch_chunked``
-on small batches. On CUDA: naive ``torch``, ``torch_chunked`` and the fused ``triton`` kernel for
+at B in {128, 512}, D = 1024, with issue 4's targets (chunked <= 1/10 of the peak memory at B = 512, <= 1.2x
+the time) computed and printed. On CUDA: naive ``torch``, ``torch_chunked`` and the fused ``triton`` kernel for
 B in {256, 1024, 4096} (images = sentences), R = T = 20, D in {512, 1024}, fp32 and bf16, forward and
 forward+backward, plus a dense bf16 matmul in the same run as the throughput ceiling.
 
@@ -33,8 +34,8 @@ import torch
 
 from dsalign.ops import score
 
-CPU_SIZES = [64, 128, 256]
-CPU_DIMS = [256]
+CPU_SIZES = [128, 512]  # issue 4's CPU targets are stated at B = 512, D = 1024
+CPU_DIMS = [1024]
 GPU_SIZES = [256, 1024, 4096]
 GPU_DIMS = [512, 1024]
 N_REG = N_WRD = 20
@@ -230,7 +231,26 @@ def run(args: argparse.Namespace) -> dict:
                               f"check err {errors[backend]:.1e}")
     for skipped in report["skipped"]:
         print(f"skipped: {skipped}")
+    if device == "cpu":
+        report["targets"] = cpu_targets(report["results"], max(sizes), max(dims))
+        for target in report["targets"]:
+            print(f"target {target['pass']:>7} at B={target['B']}: chunked/torch peak memory "
+                  f"{target['memory_ratio']:.3f} (<= 0.1), time {target['time_ratio']:.2f}x (<= 1.2)")
     return report
+
+
+def cpu_targets(results: list[dict], n: int, dim: int) -> list[dict]:
+    """Issue 4's CPU targets: torch_chunked uses <= 1/10 of the reference's peak memory at the largest B and is
+    no more than 1.2x slower."""
+    rows = {(r["backend"], r["pass"]): r for r in results if r["B"] == n and r["D"] == dim}
+    targets = []
+    for kind in ("fwd", "fwd+bwd"):
+        ref, chunked = rows.get(("torch", kind)), rows.get(("torch_chunked", kind))
+        if ref and chunked and ref["peak_mem_mb"]:
+            targets.append({"B": n, "D": dim, "pass": kind,
+                            "memory_ratio": chunked["peak_mem_mb"] / ref["peak_mem_mb"],
+                            "time_ratio": chunked["ms"] / ref["ms"]})
+    return targets
 
 
 def _fmt_mb(peak: float | None) -> str:

@@ -108,3 +108,11 @@ def test_corrupt_inputs_are_skipped_and_counted_exactly(tmp_path, dataset):
         assert loader.skipped == {"bad_image": 1, "no_captions": 1, "bad_metadata": 1, "missing_image": 1,
                                   "missing_metadata": 2, "corrupt_shard": 2}
         assert loader.report().startswith("skipped 8 (")
+
+
+def test_a_training_stream_with_nothing_readable_fails_clearly(tmp_path, dataset):
+    _, vocab, _ = dataset
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
+    loader = ShardLoader(_stream([str(tmp_path / "junk.tar")], vocab, "train", batches_per_rank=1))
+    with pytest.raises(RuntimeError, match="no readable sample in"):
+        next(iter(loader))

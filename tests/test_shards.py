@@ -120,3 +120,10 @@ def test_load_manifest_errors_are_one_line(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="corrupt manifest"):
         load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.tar", "train/../../x.tar", 7])
+def test_manifest_shard_paths_cannot_point_outside_the_folder(tmp_path, shard):
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [shard]}}}))
+    with pytest.raises(ValueError, match="must be relative"):
+        load_manifest(tmp_path)

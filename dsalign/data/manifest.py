@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dsalign-shards/1"
@@ -33,4 +33,8 @@ def load_manifest(directory: str | Path) -> dict:
     for name, split in manifest["splits"].items():
         if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
             raise ValueError(f"malformed manifest {path}: split {name!r} has no shard list")
+        for shard in split["shards"]:
+            # Outputs are written at the same relative paths: they must stay inside the folder.
+            if not isinstance(shard, str) or PurePosixPath(shard).is_absolute() or ".." in PurePosixPath(shard).parts:
+                raise ValueError(f"malformed manifest {path}: shard path {shard!r} must be relative, without '..'")
     return manifest
