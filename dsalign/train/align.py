@@ -70,14 +70,18 @@ def _init_distributed(config: TrainConfig, device: torch.device) -> tuple[int, i
     """Start the process group (a world of one without a launcher) the way DeepSpeed expects it."""
     import deepspeed
 
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=config.distributed.timeout_s)
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+        if not dist.is_initialized():
+            # A world of one needs no rendezvous: an in-process store cannot lose a race for a TCP port.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if not config.distributed.shm_comm:
         # DeepSpeed compiles a shared-memory all-reduce for CPU on first use (~60 s); gloo alone is enough.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=timedelta(seconds=config.distributed.timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
