@@ -4,7 +4,6 @@ global batch, for plain autograd and for the DeepSpeed engine at ZeRO 0/1/2."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -105,11 +104,11 @@ def _check_deepspeed(rank: int) -> None:
                                        msg=f"ZeRO {stage}: {name} after one step")
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, store_file: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    # A file rendezvous: no TCP port to pick in advance and lose to another process.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD)
     try:
         _check_plain(rank)
         _check_deepspeed(rank)
@@ -117,14 +116,8 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_ranks_equal_one_process() -> None:
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+def test_two_ranks_equal_one_process(tmp_path) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
 
 
 def test_single_process_loss_is_the_whole_loss() -> None:
