@@ -1,4 +1,5 @@
-"""Portable inference bundles of the alignment model: safetensors weights + JSON config + vocab.json.
+"""Portable inference bundles (the alignment model, a caption generator): safetensors weights + JSON config +
+vocab.json.
 
 Nothing in a bundle is pickled, so loading one never runs code. ``config.json`` records the SHA-256 of the
 other two files; a tampered, truncated or mismatched bundle fails with a :class:`BundleError` that says which
@@ -20,9 +21,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dsalign.models.alignment import AlignmentConfig, AlignmentModel
+from dsalign.models.generator import CaptionGenerator, GeneratorConfig
 from dsalign.text import Vocabulary
 
-BUNDLE_FORMAT = "dsalign-alignment-bundle/1"
+ALIGNMENT_FORMAT = "dsalign-alignment-bundle/1"
+CAPTION_FORMAT = "dsalign-caption-bundle/1"
+_KINDS: dict[str, tuple[type, type]] = {  # format -> (config class, model class)
+    ALIGNMENT_FORMAT: (AlignmentConfig, AlignmentModel),
+    CAPTION_FORMAT: (GeneratorConfig, CaptionGenerator),
+}
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 VOCAB = "vocab.json"
@@ -33,14 +40,17 @@ class BundleError(ValueError):
 
 
 @dataclass
-class AlignmentBundle:
-    """A loaded bundle: the model in eval mode, its vocabulary, and what produced its features."""
+class Bundle:
+    """A loaded bundle: the model in eval mode, its vocabulary, and what produced its features (``info`` holds
+    the training step and metrics; a caption bundle also its ``level``, full or region)."""
 
-    model: AlignmentModel
+    model: torch.nn.Module
     vocab: Vocabulary
-    config: AlignmentConfig
+    config: AlignmentConfig | GeneratorConfig
     features: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    format: str = ALIGNMENT_FORMAT
+    sha256: dict = field(default_factory=dict)  # of the weights and vocabulary files: the bundle's identity
 
 
 def _sha256(path: Path) -> str:
@@ -62,7 +72,7 @@ def export_bundle(model: AlignmentModel, vocab: Vocabulary, out_dir: str | Path,
     save_file(state, str(tmp / WEIGHTS))
     vocab.save(tmp / VOCAB)
     config = {
-        "format": BUNDLE_FORMAT,
+        "format": CAPTION_FORMAT if isinstance(model, CaptionGenerator) else ALIGNMENT_FORMAT,
         "model": model.config.to_dict(),
         "features": features or {},
         "info": info or {},
@@ -78,17 +88,53 @@ def export_bundle(model: AlignmentModel, vocab: Vocabulary, out_dir: str | Path,
     return out
 
 
-def load_alignment_bundle(path: str | Path, device: str | torch.device = "cpu") -> AlignmentBundle:
-    """Load and validate a bundle; BundleError names the file and the problem."""
+def load_alignment_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """The alignment bundle at ``path`` or inside the folder of bundles ``path`` (BundleError otherwise)."""
+    return find_bundle(path, ALIGNMENT_FORMAT, device=device)
+
+
+def load_caption_bundle(path: str | Path, device: str | torch.device = "cpu", level: str | None = None) -> Bundle:
+    """The caption bundle at ``path`` or, of ``level`` (full or region), inside the folder of bundles ``path``."""
+    return find_bundle(path, CAPTION_FORMAT, level, device)
+
+
+def load_bundles(path: str | Path, device: str | torch.device = "cpu") -> list[Bundle]:
+    """The bundle at ``path``, or every bundle in the sub-folders of ``path`` (a model folder)."""
+    root = Path(path)
+    if (root / CONFIG).is_file():
+        return [load_bundle(root, device)]
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle or folder of bundles")
+    found = [load_bundle(sub, device) for sub in sorted(root.iterdir()) if (sub / CONFIG).is_file()]
+    if not found:
+        raise BundleError(f"{root}: not a dsalign bundle and holds none (no {CONFIG} in it or its sub-folders)")
+    return found
+
+
+def find_bundle(path: str | Path, kind: str, level: str | None = None,
+                device: str | torch.device = "cpu") -> Bundle:
+    """The one bundle of format ``kind`` (and caption ``level``) at or inside ``path``."""
+    matches = [b for b in load_bundles(path, device)
+               if b.format == kind and (level is None or b.info.get("level", "full") == level)]
+    if len(matches) != 1:
+        what = f"{kind}{f' (level {level})' if level else ''}"
+        raise BundleError(f"{path}: {'no' if not matches else 'more than one'} {what} bundle")
+    return matches[0]
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", expect: str | None = None) -> Bundle:
+    """Load and validate a bundle of any kind (or only ``expect``); BundleError names the file and the problem."""
     root = Path(path)
     if not (root / CONFIG).is_file():
-        raise BundleError(f"{root}: not an alignment bundle (no {CONFIG})")
+        raise BundleError(f"{root}: not a dsalign bundle (no {CONFIG})")
     try:
         config = json.loads((root / CONFIG).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{root / CONFIG}: unreadable: {exc}") from exc
-    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{root / CONFIG}: not a {BUNDLE_FORMAT} bundle")
+    kind = config.get("format") if isinstance(config, dict) else None
+    if kind not in _KINDS or (expect is not None and kind != expect):
+        raise BundleError(f"{root / CONFIG}: not a {expect or ' or '.join(_KINDS)} bundle (format {kind!r})")
+    config_cls, model_cls = _KINDS[kind]
     hashes = config.get("sha256")
     if not isinstance(hashes, dict):
         raise BundleError(f"{root / CONFIG}: no 'sha256' table")
@@ -99,7 +145,7 @@ def load_alignment_bundle(path: str | Path, device: str | torch.device = "cpu") 
         if _sha256(file) != hashes.get(name):
             raise BundleError(f"{file}: contents do not match the SHA-256 in {CONFIG} (truncated or altered)")
     try:
-        model_config = AlignmentConfig.from_dict(config.get("model") or {})
+        model_config = config_cls.from_dict(config.get("model") or {})
     except (TypeError, ValueError) as exc:
         raise BundleError(f"{root / CONFIG}: bad model config: {exc}") from exc
     try:
@@ -113,7 +159,7 @@ def load_alignment_bundle(path: str | Path, device: str | torch.device = "cpu") 
         state = load_file(str(root / WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise BundleError(f"{root / WEIGHTS}: unreadable: {exc}") from exc
-    model = AlignmentModel(model_config)
+    model = model_cls(model_config)
     expected = model.state_dict()
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -126,4 +172,4 @@ def load_alignment_bundle(path: str | Path, device: str | torch.device = "cpu") 
             raise BundleError(f"{root / WEIGHTS}: {name} holds non-finite values")
     model.load_state_dict(state)
     model.to(device).eval()
-    return AlignmentBundle(model, vocab, model_config, config.get("features") or {}, config.get("info") or {})
+    return Bundle(model, vocab, model_config, config.get("features") or {}, config.get("info") or {}, kind, hashes)

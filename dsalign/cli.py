@@ -138,13 +138,18 @@ def _run_info(args: argparse.Namespace) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in shapes data set",
                           description="Generate the shapes scenes, write image shards, extract region features, "
-                                      "train the alignment model and evaluate retrieval on the test split, "
-                                      "printing where each output went (a few minutes on a laptop CPU).")
+                                      "train the alignment model, evaluate retrieval, align snippets with the "
+                                      "MRF, train the full-image and region generators, evaluate them, and "
+                                      "write an HTML report and a metrics table, printing where each output "
+                                      "went (about 5 minutes on a 2-core CPU).")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     demo.add_argument("--n-train", type=positive, default=2000, help="training scenes (default 2000)")
     demo.add_argument("--n-val", type=positive, default=200, help="validation scenes (default 200)")
     demo.add_argument("--n-test", type=positive, default=200, help="test scenes (default 200)")
     demo.add_argument("--steps", type=positive, default=300, help="alignment training steps (default 300)")
+    demo.add_argument("--caption-steps", type=positive, default=300,
+                      help="training steps of each generator, full-image and region (default 300)")
+    demo.add_argument("--report-images", type=positive, default=8, help="test images in the report (default 8)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=non_negative, default=0, help="data loader workers (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -155,16 +160,19 @@ def _run_demo(args: argparse.Namespace) -> None:
     from dsalign.demo import format_summary, run_demo
 
     summary = run_demo(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
-                       steps=args.steps, num_workers=args.workers, progress=not args.quiet)
+                       steps=args.steps, caption_steps=args.caption_steps, num_workers=args.workers,
+                       report_images=args.report_images, progress=not args.quiet)
     print(format_summary(summary))
 
 
 def _commands() -> Sequence[Callable[[argparse._SubParsersAction], None]]:
+    from dsalign.api_cli import add_api_parsers
     from dsalign.features.cli import add_parser as add_features
     from dsalign.snippet_cli import add_align_parser
     from dsalign.train.cli import add_train_parser
 
-    return (_add_prepare, _add_info, add_features, add_train_parser, add_align_parser, _add_demo)
+    return (_add_prepare, _add_info, add_features, add_train_parser, add_align_parser, add_api_parsers,
+            _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

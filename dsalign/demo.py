@@ -1,10 +1,11 @@
-"""``dsalign demo``: the whole pipeline, as far as it is built, on the built-in shapes data set.
+"""``dsalign demo``: the whole pipeline on the built-in shapes data set.
 
 Stages: generate scenes → image shards (the same `prepare` path as real data) → region features (the given
 boxes + the whole image, pretrained efficientnet-lite0) → alignment model trained with DeepSpeed in one process
 → retrieval R@K on the test split → Viterbi snippet alignment of the training pairs (region-snippet shards),
-scored against the ground-truth word spans of the test split, and a picture of one image's alignments → a
-summary of where everything went.
+scored against the ground-truth word spans of the test split, and a picture of one image's alignments → full-image
+and region-level generators trained on captions and on the inferred snippets → caption metrics on the test split
+→ an HTML report of test images through the Python API (``dsalign.load(out/model)``) and a metrics table.
 """
 
 from __future__ import annotations
@@ -16,17 +17,24 @@ from pathlib import Path
 
 import torch
 
-from dsalign.bundle import load_alignment_bundle
+from dsalign.api import load
+from dsalign.bundle import load_alignment_bundle, load_caption_bundle
 from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
+from dsalign.data.images import decode_rgb
 from dsalign.data.pipeline import ShardLoader, ShardStream
 from dsalign.data.prepare import prepare_dataset
 from dsalign.data.shapes import generate_shapes
-from dsalign.data.shards import shard_paths
+from dsalign.data.shards import image_member, iter_tar_samples, shard_paths
+from dsalign.eval.captions import SCORERS
+from dsalign.eval.generation import DecodeSettings, evaluate_full_captions, evaluate_region_descriptions
 from dsalign.features.extract import FeatureConfig, extract_features
+from dsalign.model_report import ReportItem, build_entry
+from dsalign.report import write_report
 from dsalign.snippet_align import align_folder, evaluate_shapes_alignment
 from dsalign.text import Vocabulary
 from dsalign.train.align import evaluate_retrieval, train_alignment
-from dsalign.train.config import parse_config
+from dsalign.train.caption import train_caption
+from dsalign.train.config import CaptionTrainConfig, RunConfig, TrainConfig, parse_config
 from dsalign.viz import picture_for
 
 BETA = 0.5  # the snippet MRF's bonus for staying on one region (chosen on shapes val, docs/alignment.md)
@@ -45,6 +53,56 @@ def _train_config(features: Path, out_dir: Path, steps: int, seed: int, workers:
     }
 
 
+def _caption_config(features: Path, out_dir: Path, steps: int, seed: int, workers: int, level: str,
+                    snippets: Path | None = None) -> dict:
+    """A generator run: launch/configs/caption_shapes.json scaled to a minute or two of CPU."""
+    return {
+        "data": {"features": str(features), "level": level, "snippets": str(snippets) if snippets else None,
+                 "val_images": 100, "num_workers": workers, "shuffle_buffer": 1000},
+        "model": {"cell": "lstm", "word_dim": 64, "hidden_dim": 256, "dropout": 0.2},
+        "decode": {"beam_size": 3, "max_len": 16},
+        "optim": {"name": "adam", "lr": 0.002, "grad_clip_norm": 5.0},
+        "train": {"out_dir": str(out_dir), "batch_size": 64, "batches_per_epoch": 30, "max_steps": steps,
+                  "seed": seed, "log_every": max(1, steps // 10), "eval_every": max(1, steps // 3),
+                  "checkpoint_every": max(1, steps // 3), "keep_checkpoints": 2},
+    }
+
+
+def _train(kind: type[RunConfig], config: dict, export_dir: Path) -> dict:
+    """One training run in this process; the runs share one process group (DeepSpeed keeps a reference to the
+    first, so it stays up until :func:`run_demo` ends)."""
+    parsed = parse_config(config, kind)
+    train = train_alignment if kind is TrainConfig else train_caption
+    return train(parsed, resume=(Path(parsed.train.out_dir) / "checkpoints").exists(), export_dir=export_dir)
+
+
+def _training_captions(shards: Path) -> list[str]:
+    """The raw training captions of an image-shard folder (for the novelty statistic)."""
+    captions = []
+    for url in shard_paths(shards, "train"):
+        for _, members in iter_tar_samples(url):
+            meta = json.loads(members.get("json", b"{}"))
+            captions.extend(c.get("raw", "") for c in meta.get("captions", []) if isinstance(c, dict))
+    return captions
+
+
+def report_items(shards: Path, split: str, count: int) -> list[ReportItem]:
+    """The first ``count`` images of a split of an image-shard folder, with their boxes and first caption."""
+    items: list[ReportItem] = []
+    for url in shard_paths(shards, split):
+        for key, members in iter_tar_samples(url):
+            member = image_member(members)
+            if member is None or "json" not in members:
+                continue
+            meta = json.loads(members["json"])
+            captions = [c.get("raw", "") for c in meta.get("captions", []) if isinstance(c, dict)]
+            items.append(ReportItem(str(meta.get("image_id", key)), decode_rgb(member[1]),
+                                    [tuple(b) for b in meta.get("boxes") or []] or None, captions[:1]))
+            if len(items) == count:
+                return items
+    return items
+
+
 def test_retrieval(bundle_dir: Path, features: Path) -> dict:
     """R@K of the exported bundle on the test split of the feature folder."""
     bundle = load_alignment_bundle(bundle_dir)
@@ -56,9 +114,19 @@ def test_retrieval(bundle_dir: Path, features: Path) -> dict:
 
 
 def run_demo(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, n_test: int = 200, seed: int = 0,
-             steps: int = 300, num_workers: int = 0, progress: bool = True) -> dict:
-    """Run every built stage; return a summary of paths, timings and metrics (also written as JSON)."""
-    out = Path(out_dir)
+             steps: int = 300, caption_steps: int = 300, num_workers: int = 0, report_images: int = 8,
+             progress: bool = True) -> dict:
+    """Run every stage; return a summary of paths, timings and metrics (also written as JSON)."""
+    try:
+        return _run_stages(Path(out_dir), n_train, n_val, n_test, seed, steps, caption_steps, num_workers,
+                           report_images, progress)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, steps: int, caption_steps: int,
+                num_workers: int, report_images: int, progress: bool) -> dict:
     timings: dict[str, float] = {}
     tick = time.perf_counter()
 
@@ -76,11 +144,9 @@ def run_demo(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, n_test:
     timings["features_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    train_dir, bundle_dir = out / "align", out / "bundle"
-    config = parse_config(_train_config(features, train_dir, steps, seed, num_workers))
-    trained = train_alignment(config, resume=(train_dir / "checkpoints").exists(), export_dir=bundle_dir)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    model_dir = out / "model"
+    bundle_dir = model_dir / "alignment"
+    trained = _train(TrainConfig, _train_config(features, out / "align", steps, seed, num_workers), bundle_dir)
     timings["train_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -97,30 +163,88 @@ def run_demo(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, n_test:
     picture_for(bundle.model, bundle.vocab, features, picture, BETA, split="test")
     timings["align_s"] = time.perf_counter() - tick
 
+    tick = time.perf_counter()
+    _train(CaptionTrainConfig, _caption_config(features, out / "caption_full", caption_steps, seed, num_workers,
+                                               "full"), model_dir / "caption_full")
+    _train(CaptionTrainConfig, _caption_config(features, out / "caption_region", caption_steps, seed, num_workers,
+                                               "region", snippets), model_dir / "caption_region")
+    timings["caption_train_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    settings = DecodeSettings(beam_size=3, max_len=16)
+    full = load_caption_bundle(model_dir / "caption_full")
+    region = load_caption_bundle(model_dir / "caption_region")
+    captions = evaluate_full_captions(full.model, full.vocab, features, "test", settings, SCORERS,
+                                      training_captions=_training_captions(shards))
+    regions = evaluate_region_descriptions(region.model, region.vocab, features, "test", settings)
+    timings["caption_eval_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    model = load(model_dir, device="cpu")
+    entries = [build_entry(model, item, beam_size=3) for item in report_items(shards, "test", report_images)]
+    report = write_report(entries, out / "report.html", title="dsalign demo: shapes test images")
+    timings["report_s"] = time.perf_counter() - tick
+
+    metrics = {"test_retrieval": retrieval, "test_alignment": alignment,
+               "test_captions": _numbers(captions), "test_region_descriptions": _numbers(regions)}
+    table = out / "metrics.md"
+    table.write_text(metrics_table(metrics))
     summary = {
         "shards": str(shards), "vocab_size": manifest["vocab_size"], "features": str(features),
-        "training_run": str(train_dir), "bundle": str(bundle_dir), "train": trained,
-        "test_retrieval": retrieval, "snippets": str(snippets), "beta": BETA, "test_alignment": alignment,
-        "picture": str(picture), "timings": timings,
+        "training_run": str(out / "align"), "bundle": str(bundle_dir), "model": str(model_dir), "train": trained,
+        "snippets": str(snippets), "beta": BETA, "picture": str(picture), "report": str(report),
+        "metrics_table": str(table), "example_captions": dict(list(captions["predictions"].items())[:5]),
+        **metrics, "timings": timings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def metrics_table(metrics: dict) -> str:
+    """The demo's test metrics as a Markdown table (percent where the metric is a fraction)."""
+    r, a = metrics["test_retrieval"], metrics["test_alignment"]
+    c, d = metrics["test_captions"], metrics["test_region_descriptions"]
+    rows = [
+        ("retrieval", "image->text R@1 / R@5 / R@10", f"{r['i2t_r1']:.1f} / {r['i2t_r5']:.1f} / {r['i2t_r10']:.1f}"),
+        ("retrieval", "text->image R@1 / R@5 / R@10", f"{r['t2i_r1']:.1f} / {r['t2i_r5']:.1f} / {r['t2i_r10']:.1f}"),
+        ("alignment", "word->object accuracy (%)", f"{100 * a['accuracy']:.1f}"),
+        ("captions", "BLEU-1 / BLEU-4 / CIDEr", f"{100 * c['BLEU-1']:.1f} / {100 * c['BLEU-4']:.1f} / "
+                                                 f"{100 * c['CIDEr']:.1f}"),
+        ("captions", "METEOR", f"{100 * c['METEOR']:.1f}" if "METEOR" in c else "skipped (no Java)"),
+        ("captions", "novel captions (not in training set, %)", f"{100 * c['novel_fraction']:.1f}"),
+        ("regions", "exact phrase match (%)", f"{100 * d['exact_match']:.1f} of {d['regions']:.0f} boxes"),
+        ("regions", "BLEU-1 / CIDEr", f"{100 * d['BLEU-1']:.1f} / {100 * d['CIDEr']:.1f}"),
+    ]
+    lines = ["| stage | metric (test split) | value |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} | {v} |" for a, b, v in rows]) + "\n"
+
+
 def format_summary(summary: dict) -> str:
     r = summary["test_retrieval"]
     t = summary["timings"]
+    c, d = summary["test_captions"], summary["test_region_descriptions"]
+    example = next(iter(summary["example_captions"].items()), ("-", "-"))
     return "\n".join([
         f"image shards:  {summary['shards']} (vocabulary {summary['vocab_size']} words, {t['prepare_s']:.0f} s)",
         f"features:      {summary['features']} ({t['features_s']:.0f} s)",
         f"training run:  {summary['training_run']} (TensorBoard logs, checkpoints; {t['train_s']:.0f} s)",
-        f"bundle:        {summary['bundle']}",
+        f"model:         {summary['model']} (alignment, caption_full, caption_region bundles; "
+        f"captioners {t['caption_train_s']:.0f} s)",
         f"test retrieval ({r['images']:.0f} images): "
         f"image->text R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} (med r {r['i2t_medr']:.0f}), "
         f"text->image R@1/5/10 {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} (med r {r['t2i_medr']:.0f})",
         f"snippets:      {summary['snippets']} (beta {summary['beta']}; {t['align_s']:.0f} s)",
         f"test alignment vs ground truth: {_format_metrics(summary['test_alignment'])}",
+        f"test captions: BLEU-4 {100 * c['BLEU-4']:.1f}, CIDEr {100 * c['CIDEr']:.1f}; e.g. {example[0]}: "
+        f"\"{example[1]}\"",
+        f"test regions:  exact phrase match {100 * d['exact_match']:.1f}% of {d['regions']:.0f} boxes",
         f"picture:       {summary['picture']}",
+        f"report:        {summary['report']} (open in a browser)",
+        f"metrics:       {summary['metrics_table']}",
         f"summary:       {Path(summary['shards']).parent / 'summary.json'}",
     ])
 

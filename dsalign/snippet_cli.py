@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dsalign.cli_args import positive
+from dsalign.api_cli import add_image_align_arguments, run_image_align
+from dsalign.cli_args import bounded, positive
 
 
 def _float_list(value: str) -> list[float]:
@@ -20,25 +21,30 @@ def _float_list(value: str) -> list[float]:
 def add_align_parser(sub: argparse._SubParsersAction) -> None:
     """Add the ``align`` subcommand to the ``dsalign`` command line."""
     cmd = sub.add_parser(
-        "align", help="snippet alignment: alignment bundle + feature shards -> region-snippet shards",
-        description="Embed every (image, caption) pair of a split with a trained alignment bundle, assign each "
+        "align", help="snippet alignment: one image + sentence, or a whole split of feature shards",
+        description="`dsalign align IMG SENTENCE --bundle B [--out fig.png] [--heatmap heat.png]` aligns one "
+                    "sentence to one image's regions and prints/draws the snippets. With --features: embed "
+                    "every (image, caption) pair of a split with a trained alignment bundle, assign each "
                     "word a region with the Potts chain MRF (Viterbi, bonus --beta for staying on one region), "
                     "and write one snippet shard per feature shard: per snippet its fp16 region feature, box, "
                     "tokens, source image id + caption index and score (mean word-region similarity). "
                     "--evaluate instead scores the alignment against the shapes ground truth; --picture draws "
                     "one image's alignments.")
-    cmd.add_argument("--bundle", required=True, type=Path, help="alignment bundle (from `dsalign train align`)")
-    cmd.add_argument("--features", required=True, type=Path, help="feature folder (from `dsalign features`)")
-    cmd.add_argument("--out", type=Path, help="output folder for the snippet shards")
-    cmd.add_argument("--beta", type=float, default=0.0,
+    cmd.add_argument("--bundle", required=True, type=Path,
+                     help="alignment bundle (from `dsalign train align`) or a folder of bundles holding one")
+    cmd.add_argument("--features", type=Path, help="feature folder (from `dsalign features`): align a whole split")
+    cmd.add_argument("--out", type=Path,
+                     help="output folder for the snippet shards (single image: the picture, a PNG)")
+    cmd.add_argument("--beta", type=bounded(float, 0.0),
                      help="bonus for consecutive words on one region: 0 = per-word argmax, large = one region "
-                          "per caption (default 0)")
+                          "per caption (default 0 for --features, 0.5 for a single image)")
     cmd.add_argument("--objects-only", action="store_true",
                      help="keep words off region 0 (the whole image) where an image has other regions "
                           "(default: the paper's setting, the whole image is a region like any other)")
     cmd.add_argument("--split", default="train", help="split of the feature folder to align (default train)")
     cmd.add_argument("--batch-size", type=positive, default=64, help="images per batch (default 64)")
-    cmd.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    cmd.add_argument("--device", help="torch device (default: cpu for --features; cuda when available for a "
+                                       "single image)")
     cmd.add_argument("--resume", action="store_true", help="keep finished output shards, redo the rest")
     cmd.add_argument("--evaluate", type=_float_list, metavar="BETAS",
                      help="shapes data: print word->object accuracy and boundary F1 for these β "
@@ -50,6 +56,7 @@ def add_align_parser(sub: argparse._SubParsersAction) -> None:
                      help="--picture: the image folder the features came from (default: the feature "
                           "manifest's source)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_image_align_arguments(cmd)
     cmd.set_defaults(func=_run_align)
 
 
@@ -57,6 +64,13 @@ def _run_align(args: argparse.Namespace) -> None:
     from dsalign.bundle import load_alignment_bundle
     from dsalign.snippet_align import align_folder, sweep_beta
 
+    if args.features is None:
+        run_image_align(args)
+        return
+    if args.inputs:
+        raise ValueError("IMG SENTENCE and --features exclude each other")
+    args.beta = 0.0 if args.beta is None else args.beta
+    args.device = args.device or "cpu"
     bundle = load_alignment_bundle(args.bundle, args.device)
     if args.evaluate:
         for row in sweep_beta(bundle.model, bundle.vocab, args.features, args.evaluate, args.split,
@@ -74,7 +88,7 @@ def _run_align(args: argparse.Namespace) -> None:
         return
     if args.out is None:
         raise ValueError("--out is required (unless --evaluate or --picture is given)")
-    sha = json.loads((args.bundle / "config.json").read_text()).get("sha256", {}).get("weights.safetensors", "")
+    sha = bundle.sha256.get("weights.safetensors", "")
     manifest = align_folder(bundle.model, bundle.vocab, args.features, args.out, args.beta, args.split,
                             args.batch_size, args.resume, args.device, model_id=sha, progress=not args.quiet,
                             whole_image=not args.objects_only)

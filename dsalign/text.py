@@ -77,11 +77,17 @@ class Vocabulary:
         return {"min_count": self.min_count, "itos": self.itos, "counts": self.counts}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Vocabulary:
-        itos = data.get("itos")
-        if not isinstance(itos, list) or list(itos[: len(SPECIALS)]) != list(SPECIALS):
-            raise ValueError("malformed vocabulary: 'itos' must be a list starting with the special tokens")
-        return cls(itos[len(SPECIALS):], counts=data.get("counts"), min_count=int(data.get("min_count", 5)))
+    def from_dict(cls, data: object) -> Vocabulary:
+        """ValueError when malformed; a repeated word too, since dropping it would shift every later id."""
+        itos = data.get("itos") if isinstance(data, dict) else None
+        if (not isinstance(itos, list) or list(itos[: len(SPECIALS)]) != list(SPECIALS)
+                or not all(isinstance(w, str) for w in itos) or len(set(itos)) != len(itos)):
+            raise ValueError("malformed vocabulary: 'itos' must be a list of distinct words starting with the "
+                             "special tokens")
+        counts, min_count = data.get("counts") or {}, data.get("min_count", 5)
+        if not isinstance(counts, dict) or not isinstance(min_count, int):
+            raise ValueError("malformed vocabulary: 'counts' must be an object and 'min_count' an integer")
+        return cls(itos[len(SPECIALS):], counts=counts, min_count=min_count)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=0, sort_keys=True))
@@ -90,6 +96,6 @@ class Vocabulary:
     def load(cls, path: str | Path) -> Vocabulary:
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: also not UTF-8
             raise ValueError(f"cannot read vocabulary {path}: {exc}") from exc
         return cls.from_dict(data)

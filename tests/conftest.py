@@ -19,3 +19,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """`dsalign demo` at a tiny scale, run once per session: (output folder, exit status, printed text).
+
+    Its model/ folder (alignment + full and region caption bundles, barely trained) serves the API tests.
+    """
+    import contextlib
+    import io
+
+    from dsalign.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["demo", "--out", str(out), "--n-train", "120", "--n-val", "20", "--n-test", "20",
+                       "--steps", "10", "--caption-steps", "10", "--report-images", "3", "--quiet"])
+    return out, status, printed.getvalue()

@@ -132,5 +132,8 @@ def test_bundle_round_trip_and_tampering(tmp_path) -> None:
     (out / "config.json").write_text("{not json")
     with pytest.raises(BundleError, match="unreadable"):
         load_alignment_bundle(out)
-    with pytest.raises(BundleError, match="not an alignment bundle"):
-        load_alignment_bundle(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="not a dsalign bundle"):
+        load_alignment_bundle(tmp_path / "empty")
+    with pytest.raises(BundleError, match="no such bundle"):
+        load_alignment_bundle(tmp_path / "missing")

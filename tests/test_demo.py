@@ -2,18 +2,29 @@
 
 import json
 
-from dsalign.cli import main
 
-
-def test_demo_runs_every_stage_and_reports_where_things_went(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n-train", "120", "--n-val", "20", "--n-test", "20",
-                 "--steps", "10", "--quiet"]) == 0
-    printed = capsys.readouterr().out
+def test_demo_runs_every_stage_and_reports_where_things_went(tiny_demo):
+    out, status, printed = tiny_demo
+    assert status == 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("shards", "features", "bundle", "snippets", "picture"):
+    for key in ("shards", "features", "model", "snippets", "picture", "report", "metrics_table"):
         assert summary[key] in printed
-    assert (out / "bundle" / "weights.safetensors").is_file() and (out / "alignment.png").stat().st_size > 1000
+    for bundle in ("alignment", "caption_full", "caption_region"):
+        assert (out / "model" / bundle / "weights.safetensors").is_file()
+    assert (out / "alignment.png").stat().st_size > 1000
     assert summary["test_retrieval"]["images"] == 20
     assert 0 <= summary["test_alignment"]["accuracy"] <= 1 and summary["test_alignment"]["mentions"] > 20
     assert json.loads((out / "snippets" / "manifest.json").read_text())
+    captions, regions = summary["test_captions"], summary["test_region_descriptions"]
+    assert captions["images"] == 20 and captions["CIDEr"] >= 0 and 0 <= captions["novel_fraction"] <= 1
+    assert regions["regions"] > 20 and 0 <= regions["exact_match"] <= 1
+    assert len(summary["example_captions"]) == 5
+
+
+def test_demo_writes_a_report_and_a_metrics_table(tiny_demo):
+    out, _, _ = tiny_demo
+    html = (out / "report.html").read_text()
+    assert html.count("<img") >= 3 and "shapes-test-000000" in html
+    table = (out / "metrics.md").read_text()
+    for metric in ("R@1", "word->object accuracy", "CIDEr", "exact phrase match"):
+        assert metric in table

@@ -5,7 +5,7 @@ import io
 import json
 
 import pytest
-from data_factory import write_karpathy
+from data_factory import png_bytes, write_karpathy
 from PIL import Image
 
 from dsalign.data.manifest import load_manifest
@@ -56,18 +56,12 @@ def test_prepare_is_deterministic(tmp_path):
 def test_vocabulary_comes_from_the_train_split_only(tmp_path):
     def record(split, word):
         return ImageRecord(f"{split}{word}", split, [Caption(word, [word])] * 5,
-                           image_bytes=_png(), image_ext="png")
+                           image_bytes=png_bytes(), image_ext="png")
 
     records = [record("train", "dog"), record("val", "cat"), record("test", "cow")]
     prepare_dataset(records, tmp_path / "out", "t", progress=False)
     itos = json.loads((tmp_path / "out" / "vocab.json").read_text())["itos"]
     assert "dog" in itos and "cat" not in itos and "cow" not in itos
-
-
-def _png(size=(8, 6)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, (1, 2, 3)).save(out, format="PNG")
-    return out.getvalue()
 
 
 def test_prepare_skips_and_counts_bad_records(tmp_path):
@@ -90,18 +84,18 @@ def test_max_side_re_encodes_only_large_images(tmp_path):
     Image.new("RGB", (400, 100), (200, 10, 10)).save(big, format="PNG")
     records = [ImageRecord("big", "train", [Caption("a b", ["a", "b"])], image_bytes=big.getvalue(),
                            image_ext="png"),
-               ImageRecord("small", "train", [Caption("a b", ["a", "b"])], image_bytes=_png(), image_ext="png")]
+               ImageRecord("small", "train", [Caption("a b", ["a", "b"])], image_bytes=png_bytes(), image_ext="png")]
     prepare_dataset(records, tmp_path / "out", "t", max_side=64, min_count=1, progress=False)
     members = {json.loads(m["json"])["image_id"]: m for _, m in
                iter_tar_samples(shard_paths(tmp_path / "out", "train")[0])}
     assert Image.open(io.BytesIO(members["big"]["jpg"])).size == (64, 16)
-    assert members["small"]["png"] == _png()
+    assert members["small"]["png"] == png_bytes()
 
 
 def test_prepare_refuses_to_clobber_a_folder_that_is_not_a_data_set(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    records = [ImageRecord("x", "train", [Caption("a", ["a"])], image_bytes=_png(), image_ext="png")]
+    records = [ImageRecord("x", "train", [Caption("a", ["a"])], image_bytes=png_bytes(), image_ext="png")]
     with pytest.raises(ValueError, match="not empty"):
         prepare_dataset(records, tmp_path / "out", "t", min_count=1, progress=False)
     with pytest.raises(ValueError, match="not a prepared data set"):
@@ -127,3 +121,13 @@ def test_manifest_shard_paths_cannot_point_outside_the_folder(tmp_path, shard):
     (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [shard]}}}))
     with pytest.raises(ValueError, match="must be relative"):
         load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("split", ["../outside", "{tmp}/absolute", "a/b", "", 3])
+def test_prepare_refuses_a_split_that_is_not_a_plain_name(tmp_path, split):
+    """The split names an output folder: a Karpathy file with ``"split": "../x"`` wrote shards outside it."""
+    split = split.format(tmp=tmp_path) if isinstance(split, str) else split
+    records = [ImageRecord("x", split, [Caption("a", ["a"])], image_bytes=png_bytes(), image_ext="png")]
+    with pytest.raises(ValueError, match="plain name"):
+        prepare_dataset(records, tmp_path / "out", "t", min_count=1, progress=False)
+    assert [p.name for p in tmp_path.rglob("*.tar")] == []

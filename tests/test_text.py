@@ -1,6 +1,7 @@
 """Tokenizer and vocabulary: the paper's conventions and a train-only vocabulary."""
 
 import pytest
+from data_factory import FUZZ
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ def test_tokenize_lowercases_and_drops_non_alphanumerics():
     assert tokenize("") == [] and tokenize(" ... !!") == []
 
 
+@FUZZ
 @given(st.text())
 def test_tokenize_output_is_lowercase_alphanumeric(text):
     for token in tokenize(text):

@@ -11,6 +11,7 @@ A sample whose features are missing, unreadable, non-finite or of the wrong shap
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +42,33 @@ def load_feature_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def _decode_features(raw: RawSample, feature_dim: int | None) -> np.ndarray:
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _check_npy_size(data: bytes) -> None:
+    """ValueError unless ``data`` is a .npy file holding exactly the bytes its header promises: otherwise numpy
+    allocates whatever a corrupt header claims (terabytes: MemoryError) before it finds the data short, and an
+    .npz archive loads as an object without ``ndim``."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version not in _NPY_HEADER_READERS:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, _, dtype = _NPY_HEADER_READERS[version](stream)
+    if dtype.itemsize * math.prod(shape) != len(data) - stream.tell():
+        raise ValueError(f"header promises {dtype} {shape}, data holds {len(data) - stream.tell()} bytes")
+
+
+def decode_feature_rows(raw: RawSample, feature_dim: int | None) -> np.ndarray:
+    """The sample's float [R, F] feature rows (a single vector [F] is one row); SampleError when unusable."""
     if FEATURE_MEMBER not in raw:
         raise SampleError("bad_features", "no feature member")
     try:
+        _check_npy_size(raw[FEATURE_MEMBER])
         array = np.load(io.BytesIO(raw[FEATURE_MEMBER]), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise SampleError("bad_features", str(exc)) from exc
+    if array.ndim == 1:
+        array = array[None]
     if array.dtype not in (np.float16, np.float32) or array.ndim != 2 or array.shape[0] == 0:
         raise SampleError("bad_features", f"expected float [R, F], got {array.dtype} {array.shape}")
     if feature_dim is not None and array.shape[1] != feature_dim:
@@ -73,11 +94,13 @@ class FeatureSampleDecoder:
     def __call__(self, key: str, raw: RawSample) -> dict:
         meta = decode_meta(raw)
         ids, raws = decode_captions(meta, self.vocab, self.max_len)
-        features = _decode_features(raw, self.feature_dim)
+        features = decode_feature_rows(raw, self.feature_dim)
         region_boxes = meta.get("region_boxes")
         if not isinstance(region_boxes, list) or len(region_boxes) != features.shape[0]:
             raise SampleError("bad_features", "region_boxes do not match the feature rows")
         boxes = decode_boxes({"boxes": region_boxes})
+        if len(boxes) != features.shape[0]:  # e.g. a flat list of R numbers read as R/4 boxes
+            raise SampleError("bad_features", f"{len(boxes)} region boxes for {features.shape[0]} feature rows")
         regions = torch.from_numpy(features.astype(np.float16 if self.keep_fp16 else np.float32, copy=True))
         return {
             "key": key,

@@ -12,7 +12,8 @@ from PIL import Image, UnidentifiedImageError
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode bytes into an RGB PIL image (any source mode: L, RGBA, P, CMYK, ...).
 
-    Truncated files and decompression bombs (PIL's pixel limit) are data errors, not crashes.
+    Truncated files and decompression bombs (PIL's pixel limit) are data errors, not crashes; so is the
+    TypeError Pillow's TIFF plugin raises on some corrupt files (found by fuzzing).
     """
     if not data:
         raise ValueError("empty image data")
@@ -22,7 +23,7 @@ def decode_rgb(data: bytes) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError, ValueError) as exc:
+            Image.DecompressionBombError, ValueError, TypeError) as exc:
         raise ValueError(f"undecodable image: {exc}") from exc
     if image.mode == "RGB":
         return image

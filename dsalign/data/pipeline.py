@@ -75,7 +75,7 @@ def decode_meta(raw: RawSample) -> dict:
         raise SampleError("missing_metadata")
     try:
         meta = json.loads(raw["json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also non-UTF-8, a 5000-digit number, nesting 100k deep
         raise SampleError("bad_metadata", str(exc)) from exc
     if not isinstance(meta, dict):
         raise SampleError("bad_metadata", "not an object")
@@ -83,14 +83,15 @@ def decode_meta(raw: RawSample) -> dict:
 
 
 def decode_captions(meta: dict, vocab: Vocabulary, max_len: int | None) -> tuple[list[list[int]], list[str]]:
-    """Token ids and raw text of every non-empty caption; SampleError when none is left."""
+    """Token ids and raw text of every caption whose tokens are a non-empty list of strings (others are left
+    out, as ``prepare`` leaves out empty ones); SampleError when none is left."""
     captions = meta.get("captions")
     if not isinstance(captions, list):
         raise SampleError("bad_metadata", "no caption list")
     ids, raws = [], []
     for caption in captions:
         tokens = caption.get("tokens") if isinstance(caption, dict) else None
-        if not isinstance(tokens, list) or not tokens:
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
             continue
         ids.append(vocab.encode(tokens[:max_len]))
         raws.append(str(caption.get("raw", "")))
@@ -106,7 +107,7 @@ def decode_boxes(meta: dict) -> np.ndarray:
         return np.zeros((0, 4), dtype=np.float32)
     try:
         array = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an integer beyond float range
         raise SampleError("bad_boxes", str(exc)) from exc
     if not np.isfinite(array).all():
         raise SampleError("bad_boxes", "non-finite coordinate")

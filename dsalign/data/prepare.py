@@ -6,6 +6,7 @@ in the manifest, so nothing is silently lost. Output is deterministic for the sa
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from dsalign.data.shards import ShardWriter, record_to_sample
 from dsalign.text import Vocabulary
 
 VOCAB_NAME = "vocab.json"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass
@@ -55,6 +57,13 @@ def _load_image(record: ImageRecord, max_side: int | None) -> tuple[bytes, str]:
     except ValueError as exc:
         raise _Skip("bad_image") from exc
     return data, ext
+
+
+def _check_split(record: ImageRecord) -> None:
+    """The split names an output folder: anything but a plain name (``../x``, ``/tmp``) could write outside it."""
+    if not isinstance(record.split, str) or not _PLAIN_NAME.fullmatch(record.split):
+        raise ValueError(f"record {record.image_id}: split {record.split!r} must be a plain name "
+                         "(letters, digits, '_' or '-')")
 
 
 def _clear_previous(out_dir: Path, overwrite: bool) -> None:
@@ -96,6 +105,7 @@ def prepare_dataset(
     train_tokens: Counter[str] = Counter()
     bar = tqdm(records, total=total, desc=f"prepare {name}", unit="img", disable=not progress)
     for record in bar:
+        _check_split(record)
         split_stats = stats.setdefault(record.split, SplitStats())
         captions = [c for c in record.captions if c.tokens]
         split_stats.skipped["empty_caption"] += len(record.captions) - len(captions)

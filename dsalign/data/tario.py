@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 BLOCK = 512
+_CHUNK = 1 << 24  # a corrupt size field must hit the end of the stream, not allocate its claimed size
 
 
 class TarFormatError(ValueError):
@@ -28,10 +29,16 @@ def _octal(field: bytes) -> int:
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise TarFormatError(f"unexpected end of archive (wanted {n} bytes, got {len(data)})")
-    return data
+    """Read in bounded chunks, so a header claiming terabytes fails at the end of the stream instead of in
+    one giant allocation (MemoryError, OverflowError)."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = stream.read(min(n - got, _CHUNK))
+        if not chunk:
+            raise TarFormatError(f"unexpected end of archive (wanted {n} bytes, got {got})")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)  # returns a single chunk itself, without a copy
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -48,8 +55,10 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     long_name: str | None = None
     while True:
         header = stream.read(BLOCK)
-        if not header or header == bytes(BLOCK):
-            return  # end-of-archive marker (or a stream that ends cleanly between members)
+        if header == bytes(BLOCK):
+            return  # end-of-archive marker
+        if not header:  # every tar writer ends with the marker: without it, whole samples may be missing
+            raise TarFormatError("archive ends without an end-of-archive marker (truncated between members)")
         if len(header) != BLOCK:
             raise TarFormatError("truncated header")
         stored = _octal(header[148:156])

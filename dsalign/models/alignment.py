@@ -7,7 +7,6 @@ for training, retrieval and word-region alignment alike.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dsalign.models.config_io import JsonConfig, check_positive_ints
 from dsalign.text import Vocabulary
 
 
 @dataclass
-class AlignmentConfig:
+class AlignmentConfig(JsonConfig):
     """Sizes and switches of :class:`AlignmentModel` (serialised into checkpoints and bundles).
 
     The paper uses embed_dim (h) 1000-1600, 300-d word vectors and a 300-600 BRNN hidden size; the smaller
@@ -36,23 +36,10 @@ class AlignmentConfig:
     freeze_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "feature_dim", "embed_dim", "word_dim", "hidden_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be an integer >= 1, got {value!r}")
+        check_positive_ints(self, ("vocab_size", "feature_dim", "embed_dim", "word_dim", "hidden_dim"))
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AlignmentConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 def lengths_from_mask(mask: torch.Tensor) -> torch.Tensor:

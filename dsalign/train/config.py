@@ -1,4 +1,4 @@
-"""The alignment training config: a JSON file of sections, validated strictly.
+"""Training configs (alignment, caption generator): JSON files of sections, validated strictly.
 
 Unknown keys, wrong types and impossible values raise one :class:`ConfigError` that names the key
 (``train.batch_size must be an integer >= 1, got -3``), before anything expensive starts. Relative paths are
@@ -63,10 +63,11 @@ class LossConfig:
 class OptimConfig:
     """A torch optimizer handed to DeepSpeed (a config optimizer would build fused ops for minutes on CPU).
 
-    grad_clip_norm is DeepSpeed's global-norm clip (0 = off); the paper clipped elementwise at 5.
+    grad_clip_norm is DeepSpeed's global-norm clip (0 = off); the paper clipped elementwise at 5. momentum is
+    used by sgd and rmsprop.
     """
 
-    name: str = field(default="adam", metadata=_spec(choices=("adam", "adamw", "sgd")))
+    name: str = field(default="adam", metadata=_spec(choices=("adam", "adamw", "sgd", "rmsprop")))
     lr: float = field(default=2e-4, metadata=_spec(above=0.0))
     weight_decay: float = field(default=0.0, metadata=_spec(0.0))
     momentum: float = field(default=0.9, metadata=_spec(0.0, 1.0))
@@ -107,16 +108,72 @@ class DistributedConfig:
 
 
 @dataclass
-class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+class RunConfig:
+    """The sections every training run has; each model adds its own data/model sections."""
+
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """``dsalign train align``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class CaptionDataConfig:
+    """Training data of the generator. level full: whole-image vectors (region 0 of the feature shards) and
+    every caption; level region: the region-snippet shards of ``dsalign align`` (``snippets``). Validation
+    always reads the feature shards' ``val_split`` (full: caption metrics against the image's captions;
+    region: against the ground-truth mention phrases of each box, where the data has them)."""
+
+    features: str = field(default="", metadata=_spec())
+    level: str = field(default="full", metadata=_spec(choices=("full", "region")))
+    snippets: str | None = None
+    train_split: str = "train"
+    val_split: str | None = "val"
+    val_images: int | None = field(default=None, metadata=_spec(1))
+    num_workers: int = field(default=0, metadata=_spec(0))
+    shuffle_buffer: int = field(default=1000, metadata=_spec(1))
+    max_len: int | None = field(default=None, metadata=_spec(1))
+    val_batch_size: int = field(default=100, metadata=_spec(1))
+
+
+@dataclass
+class GeneratorModelConfig:
+    """See :class:`dsalign.models.generator.GeneratorConfig`: cell rnn is the paper's ReLU RNN."""
+
+    cell: str = field(default="lstm", metadata=_spec(choices=("rnn", "lstm")))
+    word_dim: int = field(default=256, metadata=_spec(1))
+    hidden_dim: int = field(default=512, metadata=_spec(1))
+    dropout: float = field(default=0.5, metadata=_spec(0.0, 0.99))
+
+
+@dataclass
+class DecodeConfig:
+    """How validation captions are decoded (beam_size 1 = greedy)."""
+
+    beam_size: int = field(default=3, metadata=_spec(1))
+    max_len: int = field(default=20, metadata=_spec(1))
+    length_penalty: float = field(default=0.0, metadata=_spec(0.0))
+
+
+@dataclass
+class CaptionTrainConfig(RunConfig):
+    """``dsalign train caption``. batch_size counts sentences (full level: all captions of batch_size/5
+    images per step)."""
+
+    data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
+    model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
 def _type_name(kind: object) -> str:
@@ -172,12 +229,15 @@ def _build(cls: type, data: object, prefix: str) -> object:
     return cls(**values)
 
 
-def parse_config(data: object) -> TrainConfig:
-    """Validate a decoded JSON document into a :class:`TrainConfig`."""
-    config = _build(TrainConfig, data, "")
-    assert isinstance(config, TrainConfig)
-    if not config.data.features:
+def parse_config(data: object, kind: type[RunConfig] = TrainConfig) -> RunConfig:
+    """Validate a decoded JSON document into a ``kind`` (:class:`TrainConfig` or :class:`CaptionTrainConfig`)."""
+    config = _build(kind, data, "")
+    assert isinstance(config, kind)
+    if not config.data.features:  # type: ignore[attr-defined]
         raise ConfigError("data.features is required: a folder written by `dsalign features`")
+    if isinstance(config, CaptionTrainConfig) and config.data.level == "region" and not config.data.snippets:
+        raise ConfigError("data.snippets is required when data.level is region: a folder written by "
+                          "`dsalign align`")
     if not config.train.out_dir:
         raise ConfigError("train.out_dir must not be empty")
     return config
@@ -199,7 +259,8 @@ def apply_override(data: dict, assignment: str) -> None:
     section[parts[1]] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                kind: type[RunConfig] = TrainConfig) -> RunConfig:
     """Read, override and validate a config file; every problem is one ConfigError."""
     try:
         data = json.loads(Path(path).read_text())
@@ -211,4 +272,4 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"config {path} must be a JSON object")
     for assignment in overrides:
         apply_override(data, assignment)
-    return parse_config(data)
+    return parse_config(data, kind)

@@ -1,0 +1,298 @@
+"""The Python inference API: ``model = dsalign.load(folder)``, then caption, describe, align and rank.
+
+``folder`` is one bundle (``dsalign train ... --export``) or a folder of bundles (the demo's ``model/``): an
+alignment bundle (for ``align``, ``rank_*``, ``embed_*``), a full-image caption bundle (``caption``) and a
+region caption bundle (``describe_regions``), recognised by their ``config.json``. The CNN features are
+computed from raw images with the settings recorded in the bundles, so results match training. Bundles trained
+on the data set's own boxes (``given`` regions, e.g. the shapes data) propose regions with selective search
+unless boxes are passed.
+
+Inputs: images are paths, PIL images of any mode (L, RGBA, P, CMYK, ...) or arrays (H x W, H x W x 3/4), any
+size; they are processed in batches. Sentences are tokenised like the training captions. Defined edge cases:
+an empty sentence (no words) scores 0 against every image and aligns to nothing; unknown words are the
+vocabulary's UNK; words past ``MAX_WORDS`` are dropped. Bad input raises :class:`InputError` with a one-line
+message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dsalign.bundle import ALIGNMENT_FORMAT, CAPTION_FORMAT, Bundle, BundleError, load_bundles
+from dsalign.eval.generation import DecodeSettings
+from dsalign.features.extract import FeatureConfig, FeatureExtractor, RegionFeatures
+from dsalign.features.regions import GivenRegions
+from dsalign.models.decode import beam_search
+from dsalign.ops.score import score_matrix
+from dsalign.ops.viterbi import snippets, viterbi
+from dsalign.snippet_align import WHOLE_IMAGE_PENALTY
+from dsalign.text import tokenize
+from dsalign.viz import to_rgb
+
+ImageInput = str | Path | Image.Image | np.ndarray
+Box = tuple[float, float, float, float]
+MAX_WORDS = 128
+DEFAULT_BETA = 0.5  # the MRF's bonus for staying on one region (shapes val, docs/alignment.md)
+
+
+class InputError(ValueError):
+    """An image or sentence the API cannot use; the message says which and why, in one line."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A described region: normalised box (x0, y0, x1, y1), its generated phrase and the phrase's per-word
+    probability (geometric mean, END included), in [0, 1]."""
+
+    box: Box
+    phrase: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """An aligned run of words [start, end) of the sentence's tokens, the region it went to (0 = whole image)
+    and the mean word-region similarity of its words."""
+
+    start: int
+    end: int
+    text: str
+    region: int
+    box: Box
+    score: float
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Any supported image input as an RGB PIL image; InputError for a missing, unreadable or odd input."""
+    try:
+        if isinstance(image, (str, Path)):
+            if not Path(image).is_file():
+                raise InputError(f"{image}: no such image file")
+        elif isinstance(image, np.ndarray):
+            if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+                raise InputError(f"image array must be H x W or H x W x 1/3/4, got shape {image.shape}")
+        elif not isinstance(image, Image.Image):
+            raise InputError(f"an image must be a path, a PIL image or an array, got {type(image).__name__}")
+        rgb = to_rgb(image)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{image if isinstance(image, (str, Path)) else 'image'}: not a readable image "
+                         f"({exc})") from exc
+    if rgb.width < 1 or rgb.height < 1:
+        raise InputError(f"image has no pixels ({rgb.width} x {rgb.height})")
+    return rgb
+
+
+def _words(sentence: str) -> list[str]:
+    if not isinstance(sentence, str):
+        raise InputError(f"a sentence must be a string, got {type(sentence).__name__}")
+    return tokenize(sentence)[:MAX_WORDS]
+
+
+def load(path: str | Path, device: str | torch.device | None = None, regions: str | None = None) -> Model:
+    """The bundles in ``path`` as one :class:`Model` on ``device`` (default: CUDA when available).
+
+    ``regions`` overrides the region source used on raw images (``selective-search``, ``grid``).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    alignment = full = region = None
+    for bundle in load_bundles(path, device):
+        if bundle.format == ALIGNMENT_FORMAT:
+            alignment = bundle
+        elif bundle.format == CAPTION_FORMAT and bundle.info.get("level") == "region":
+            region = bundle
+        elif bundle.format == CAPTION_FORMAT:
+            full = bundle
+    return Model(alignment, full, region, device, regions)
+
+
+class Model:
+    """Loaded bundles plus the feature extractor they were trained with. See the module docstring."""
+
+    def __init__(self, alignment: Bundle | None, caption_full: Bundle | None, caption_region: Bundle | None,
+                 device: torch.device, regions: str | None = None):
+        self.alignment, self.caption_full, self.caption_region = alignment, caption_full, caption_region
+        self.device = device
+        present = [b for b in (alignment, caption_full, caption_region) if b is not None]
+        settings = [json.dumps(b.features.get("settings") or {}, sort_keys=True) for b in present]
+        if len(set(settings)) > 1:
+            raise BundleError("the bundles were trained on features made with different settings")
+        self.feature_settings: dict = json.loads(settings[0]) if settings else {}
+        if not self.feature_settings:
+            raise BundleError("the bundles do not record their feature settings (re-export them)")
+        source = regions or self.feature_settings.get("regions", "selective-search")
+        self.region_source = "selective-search" if source == "given" else source
+        self._extractor: FeatureExtractor | None = None
+        self._given: FeatureExtractor | None = None
+
+    def __repr__(self) -> str:
+        parts = [name for name, b in (("alignment", self.alignment), ("caption", self.caption_full),
+                                      ("regions", self.caption_region)) if b is not None]
+        return f"dsalign.Model({', '.join(parts)}; {self.feature_settings.get('backbone')}, {self.device})"
+
+    # ------------------------------------------------------------------------------------------ features
+
+    def _feature_config(self, regions: str) -> FeatureConfig:
+        known = set(FeatureConfig.__dataclass_fields__)
+        return FeatureConfig(**{**{k: v for k, v in self.feature_settings.items() if k in known}, "regions": regions})
+
+    def region_features(self, images: Sequence[ImageInput],
+                        boxes: Sequence[Sequence[Box]] | None = None) -> list[RegionFeatures]:
+        """Region boxes (region 0 = whole image) and CNN features per image; ``boxes`` replaces the proposals."""
+        rgb = [load_image(image) for image in images]
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self._feature_config(self.region_source), self.device)
+        extractor = self._extractor
+        metas = [{} for _ in rgb]
+        if boxes is not None:
+            if self._given is None:
+                self._given = FeatureExtractor(self._feature_config("given"), self.device,
+                                               backbone=self._extractor.backbone, source=GivenRegions())
+            extractor = self._given
+            metas = [{"boxes": [list(map(float, b)) for b in image_boxes]} for image_boxes in boxes]
+        results: list[RegionFeatures] = []
+        for start in range(0, len(rgb), extractor.batch_size):
+            chunk = slice(start, start + extractor.batch_size)
+            for result in extractor.extract(rgb[chunk], metas[chunk]):
+                if not isinstance(result, RegionFeatures):
+                    raise InputError(f"cannot use this image or its boxes: {result}")
+                results.append(result)
+        return results
+
+    # ----------------------------------------------------------------------------------------- alignment
+
+    def _need(self, bundle: Bundle | None, what: str) -> Bundle:
+        if bundle is None:
+            raise BundleError(f"this model has no {what} bundle")
+        return bundle
+
+    @torch.no_grad()
+    def _region_vectors(self, features: list[RegionFeatures]) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self._need(self.alignment, "alignment").model
+        n = max(len(f.boxes) for f in features)
+        regions = torch.zeros(len(features), n, features[0].features.shape[1])
+        mask = torch.zeros(len(features), n, dtype=torch.bool)
+        for i, f in enumerate(features):
+            regions[i, : len(f.boxes)], mask[i, : len(f.boxes)] = f.features, True
+        return model.encode_images(regions.to(self.device), mask.to(self.device)), mask.to(self.device)
+
+    @torch.no_grad()
+    def _word_vectors(self, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+        bundle = self._need(self.alignment, "alignment")
+        words = [_words(s) for s in sentences]
+        n = max([len(w) for w in words] + [1])
+        tokens = torch.zeros(len(words), n, dtype=torch.long)
+        mask = torch.zeros(len(words), n, dtype=torch.bool)
+        for i, w in enumerate(words):
+            tokens[i, : len(w)], mask[i, : len(w)] = torch.tensor(bundle.vocab.encode(w), dtype=torch.long), True
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        vectors = bundle.model.encode_sentences(tokens, mask) if len(words) else torch.zeros(0, n, 1)
+        return vectors * mask[..., None], mask, words
+
+    def embed_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        """Region vectors v_i [R, h] per image (the paper's Eq. 1; region 0 = whole image), on the CPU."""
+        features = self.region_features(images)
+        v, mask = self._region_vectors(features)
+        return [v[i, mask[i]].cpu() for i in range(len(features))]
+
+    def embed_sentences(self, sentences: Sequence[str]) -> list[torch.Tensor]:
+        """Word vectors s_t [T, h] per sentence (Eqs. 2-6); [0, h] for a sentence without words."""
+        s, mask, _ = self._word_vectors(sentences)
+        return [s[i, mask[i]].cpu() for i in range(len(sentences))]
+
+    def _scores(self, images: Sequence[ImageInput], sentences: Sequence[str]) -> torch.Tensor:
+        """S_kl = sum_t max_i v_i . s_t [images, sentences] (Eq. 8); 0 for a sentence without words."""
+        v, vm = self._region_vectors(self.region_features(images))
+        s, sm, _ = self._word_vectors(sentences)
+        return score_matrix(v, vm, s, sm).cpu().nan_to_num(0.0)
+
+    def rank_sentences(self, image: ImageInput, sentences: Sequence[str]) -> list[tuple[int, float]]:
+        """(index into ``sentences``, image-sentence score), best first."""
+        if not sentences:
+            return []
+        row = self._scores([image], sentences)[0]
+        return [(int(i), float(row[i])) for i in row.argsort(descending=True, stable=True)]
+
+    def rank_images(self, sentence: str, images: Sequence[ImageInput]) -> list[tuple[int, float]]:
+        """(index into ``images``, image-sentence score), best first."""
+        if not images:
+            return []
+        column = self._scores(images, [sentence])[:, 0]
+        return [(int(i), float(column[i])) for i in column.argsort(descending=True, stable=True)]
+
+    def similarity(self, image: ImageInput, sentence: str,
+                   boxes: Sequence[Box] | None = None) -> tuple[list[str], list[Box], torch.Tensor]:
+        """(words, region boxes, word x region dot products [T, R]): what :meth:`align` decides from."""
+        features = self.region_features([image], None if boxes is None else [boxes])
+        v, _ = self._region_vectors(features)
+        s, mask, words = self._word_vectors([sentence])
+        sim = (s[0, mask[0]] @ v[0].T).cpu()
+        return words[0], [tuple(map(float, b)) for b in features[0].boxes], sim
+
+    def align(self, image: ImageInput, sentence: str, beta: float = DEFAULT_BETA, whole_image: bool = True,
+              boxes: Sequence[Box] | None = None) -> list[Snippet]:
+        """Snippets of ``sentence`` aligned to regions of ``image`` (proposals, or ``boxes``) by the chain MRF
+        (Eqs. 10-12).
+
+        ``beta`` >= 0 rewards neighbouring words on the same region (0 = each word to its best region);
+        ``whole_image=False`` keeps words off region 0 when the image has other regions.
+        """
+        if not beta >= 0:
+            raise InputError(f"beta must be >= 0, got {beta}")
+        words, boxes, sim = self.similarity(image, sentence, boxes)
+        if not words:
+            return []
+        unary = sim.clone()
+        if not whole_image and len(boxes) > 1:
+            unary[:, 0] -= WHOLE_IMAGE_PENALTY
+        labels = viterbi(unary[None], torch.tensor([len(words)]), torch.tensor([len(boxes)]), beta)
+        out = []
+        for region, start, end in snippets(labels.cpu(), [len(words)])[0]:
+            out.append(Snippet(start, end, " ".join(words[start:end]), region, boxes[region],
+                               float(sim[start:end, region].mean())))
+        return out
+
+    # ------------------------------------------------------------------------------------------ captions
+
+    def _describe(self, bundle: Bundle, vectors: torch.Tensor, settings: DecodeSettings) -> list[tuple[str, float]]:
+        out = []
+        for chunk in vectors.split(256):
+            for hyp in beam_search(bundle.model, chunk.to(self.device), settings.beam_size, settings.max_len,
+                                   settings.length_penalty):
+                words = bundle.vocab.decode(hyp.tokens)
+                out.append((" ".join(words), math.exp(hyp.log_prob / (len(hyp.tokens) + 1))))
+        return out
+
+    def caption(self, images: Sequence[ImageInput] | ImageInput, beam_size: int = 7, max_len: int = 20,
+                length_penalty: float = 0.0) -> list[str]:
+        """One generated sentence per image (the full-image generator, beam search)."""
+        bundle = self._need(self.caption_full, "full-image caption")
+        images = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
+        if not images:
+            return []
+        vectors = torch.stack([f.features[0] for f in self.region_features(images)])
+        settings = DecodeSettings(beam_size, max_len, length_penalty)
+        return [text for text, _ in self._describe(bundle, vectors, settings)]
+
+    def describe_regions(self, image: ImageInput, top_k: int | None = 10, beam_size: int = 7, max_len: int = 10,
+                         boxes: Sequence[Box] | None = None) -> list[Region]:
+        """The paper's region-level descriptions: a phrase for each proposed region (or each of ``boxes``),
+        most confident first, at most ``top_k`` (None: all)."""
+        bundle = self._need(self.caption_region, "region caption")
+        features = self.region_features([image], None if boxes is None else [boxes])[0]
+        if len(features.boxes) < 2:
+            return []
+        described = self._describe(bundle, features.features[1:], DecodeSettings(beam_size, max_len))
+        regions = [Region(tuple(map(float, box)), text, score)
+                   for box, (text, score) in zip(features.boxes[1:], described)]
+        regions.sort(key=lambda r: -r.score)
+        return regions if top_k is None else regions[:top_k]

@@ -1,0 +1,147 @@
+"""``dsalign caption | describe | report`` and the single-image mode of ``dsalign align``: the inference API
+on the command line. Bad input (missing file, not an image, bad bundle) is one line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dsalign.cli_args import positive
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _add_common(cmd: argparse.ArgumentParser, json_output: bool = True) -> None:
+    """--bundle, --device, --regions, --beam-size (and --json): what every inference command takes."""
+    cmd.add_argument("--bundle", required=True, type=Path,
+                     help="a bundle or a folder of bundles (e.g. the demo's model/ folder)")
+    cmd.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    cmd.add_argument("--regions", choices=["selective-search", "grid"],
+                     help="region proposals on raw images (default: the bundle's; selective-search for "
+                          "bundles trained on given boxes)")
+    cmd.add_argument("--beam-size", type=positive, default=7, help="beam size (1 = greedy; default 7)")
+    if json_output:
+        cmd.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def add_api_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``caption``, ``describe`` and ``report`` to the ``dsalign`` command line."""
+    caption = sub.add_parser("caption", help="generate a caption for each image",
+                             description="Full-image captions with the generator of a bundle (beam search). "
+                                         "Prints one line per image: path<TAB>caption (--json: a JSON list).")
+    caption.add_argument("images", nargs="+", type=Path, metavar="IMG")
+    _add_common(caption)
+    caption.add_argument("--max-len", type=positive, default=20, help="most words per caption (default 20)")
+    caption.set_defaults(func=_run_caption)
+
+    describe = sub.add_parser("describe", help="describe an image's regions (dense captions) and draw them",
+                              description="Propose regions, generate a phrase for each with the region-level "
+                                          "generator, print the most confident and draw them (Figure 7 style).")
+    describe.add_argument("image", type=Path, metavar="IMG")
+    _add_common(describe)
+    describe.add_argument("--out", type=Path, metavar="PNG", help="write the picture here")
+    describe.add_argument("--top-k", type=positive, default=5, help="regions to keep (default 5)")
+    describe.set_defaults(func=_run_describe)
+
+    report = sub.add_parser("report", help="an HTML report (captions, regions, alignments) over a folder",
+                            description="Caption, describe and align every image of a folder and write one "
+                                        "self-contained HTML file (opens in a browser, no server).")
+    _add_common(report, json_output=False)
+    report.add_argument("--images", required=True, type=Path, help="folder of images")
+    report.add_argument("--out", required=True, type=Path, help="HTML file to write")
+    report.add_argument("--limit", type=positive, help="at most this many images (sorted by name)")
+    report.add_argument("--top-k", type=positive, default=5, help="region descriptions per image (default 5)")
+    report.set_defaults(func=_run_report)
+
+
+def add_image_align_arguments(cmd: argparse.ArgumentParser) -> None:
+    """The single-image mode of ``dsalign align``: IMG SENTENCE --bundle B --out fig.png."""
+    cmd.add_argument("inputs", nargs="*", metavar="IMG SENTENCE",
+                     help="align one sentence to one image (without --features)")
+    cmd.add_argument("--heatmap", type=Path, metavar="PNG",
+                     help="single image: also draw the word x region similarity heatmap")
+    cmd.add_argument("--regions", choices=["selective-search", "grid"],
+                     help="single image: region proposals (default: the bundle's)")
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - dsalign.api.Model, imported lazily
+    from dsalign.api import load
+
+    return load(args.bundle, args.device, args.regions)
+
+
+def _run_caption(args: argparse.Namespace) -> None:
+    model = _load(args)
+    captions = model.caption([str(p) for p in args.images], args.beam_size, args.max_len)
+    if args.json:
+        print(json.dumps([{"image": str(p), "caption": c} for p, c in zip(args.images, captions)], indent=2))
+    else:
+        for path, text in zip(args.images, captions):
+            print(f"{path}\t{text}")
+
+
+def _run_describe(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from dsalign.viz import draw_regions
+
+    model = _load(args)
+    regions = model.describe_regions(str(args.image), args.top_k, args.beam_size)
+    if args.out:
+        draw_regions(str(args.image), regions, args.out)
+    if args.json:
+        print(json.dumps([asdict(r) for r in regions], indent=2))
+    else:
+        for i, region in enumerate(regions, 1):
+            box = ", ".join(f"{x:.2f}" for x in region.box)
+            print(f"[{i}] {region.phrase}  (score {region.score:.2f}, box {box})")
+    if args.out:
+        print(f"describe: picture -> {args.out}")
+
+
+def run_image_align(args: argparse.Namespace) -> None:
+    """``dsalign align IMG SENTENCE``: print the snippets, draw them (--out) and the heatmap (--heatmap)."""
+    from dsalign.api import DEFAULT_BETA, load_image
+    from dsalign.viz import draw_alignment, draw_similarity_heatmap
+
+    if len(args.inputs) != 2:
+        raise ValueError("give IMG and SENTENCE (or --features FOLDER to align a whole split)")
+    image, sentence = args.inputs
+    model = _load(args)
+    beta = DEFAULT_BETA if args.beta is None else args.beta
+    snippets = model.align(image, sentence, beta, whole_image=not args.objects_only)
+    words, boxes, sim = model.similarity(image, sentence)
+    for s in snippets:
+        print(f"[{s.region}] {s.text}  (words {s.start}-{s.end}, score {s.score:.2f})")
+    if args.out:
+        draw_alignment(load_image(image), boxes, [(s.region, s.text) for s in snippets], args.out)
+        print(f"align: picture -> {args.out}")
+    if args.heatmap:
+        draw_similarity_heatmap(words, [f"[{i}]" for i in range(len(boxes))], sim.numpy(), args.heatmap)
+        print(f"align: heatmap -> {args.heatmap}")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from dsalign.model_report import ReportItem, build_entry
+    from dsalign.report import write_report
+
+    if not args.images.is_dir():
+        raise ValueError(f"{args.images}: no such folder")
+    paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[: args.limit]
+    if not paths:
+        raise ValueError(f"{args.images}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    model = _load(args)
+    entries, failed = [], []
+    for path in paths:
+        try:
+            entries.append(build_entry(model, ReportItem(path.name, str(path)), args.beam_size, args.top_k))
+        except ValueError as exc:  # one unreadable image is skipped and named, the rest are reported
+            failed.append(f"{path.name}: {exc}")
+    if not entries:
+        raise ValueError(f"no usable image in {args.images}: {failed[0]}")
+    write_report(entries, args.out, title=f"dsalign report: {args.images}")
+    for line in failed:
+        print(f"report: skipped {line}")
+    print(f"report: {len(entries)} images -> {args.out}")
+

@@ -1,0 +1,122 @@
+"""``dsalign train caption``: the multimodal RNN generator (paper Sec. 3.2) trained with DeepSpeed.
+
+``data.level full`` trains on whole-image vectors and their captions; ``data.level region`` on the
+region-snippet pairs that ``dsalign align`` inferred. The loss is the mean cross-entropy per target word (END
+included); with N ranks each rank contributes its mean / N. The output bias starts at the log word
+frequencies of the training sentences. Validation decodes the val split (beam search) and keeps the best model
+by CIDEr (full) or by exact phrase match (region; needs ground-truth mention spans in the val split, else there
+is no validation and the final model is exported).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dsalign.data.caption_pipeline import SnippetDecoder, WholeImageDecoder, collate_sentences
+from dsalign.data.feature_pipeline import load_feature_manifest
+from dsalign.data.manifest import load_manifest
+from dsalign.data.pipeline import ShardLoader, ShardStream
+from dsalign.data.shards import iter_tar_samples, shard_paths
+from dsalign.eval.generation import (
+    DecodeSettings,
+    evaluate_full_captions,
+    evaluate_region_descriptions,
+    region_targets,
+)
+from dsalign.models.generator import CaptionGenerator, GeneratorConfig, teacher_forced_loss
+from dsalign.text import Vocabulary
+from dsalign.train.align import feature_info
+from dsalign.train.config import CaptionTrainConfig
+from dsalign.train.loop import RunContext, TrainTask, fit
+
+
+def train_caption(config: CaptionTrainConfig, resume: bool = False, export_dir: str | Path | None = None,
+                  echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) a generator training run; returns a summary (final step, last val metrics, best value).
+
+    Starts the process group if needed and leaves it up (the caller tears it down).
+    """
+    return fit(config, caption_task, resume, export_dir, echo)
+
+
+def word_counts(vocab: Vocabulary, sentences: int, snippet_folder: str | Path | None = None) -> torch.Tensor:
+    """Training counts per vocabulary id for the output-bias init: the vocabulary's own counts (full captions)
+    or a pass over the snippet shards' words (region level); END once per sentence."""
+    counts = torch.zeros(len(vocab), dtype=torch.float64)
+    if snippet_folder is None:
+        for word, count in vocab.counts.items():
+            if word in vocab:
+                counts[vocab.stoi[word]] = count
+    else:
+        tally: Counter = Counter()
+        manifest = load_manifest(snippet_folder)
+        for rel in manifest["splits"]["train"]["shards"]:
+            for _, members in iter_tar_samples(Path(snippet_folder) / rel):
+                tally.update(vocab.encode(json.loads(members["json"]).get("tokens", [])))
+        for index, count in tally.items():
+            counts[index] = count
+    counts[Vocabulary.end_id] = sentences
+    return counts
+
+
+def caption_task(ctx: RunContext) -> TrainTask:
+    """The generator, its training stream, the teacher-forced loss of a batch and validation by decoding."""
+    config = ctx.config
+    assert isinstance(config, CaptionTrainConfig)
+    d, t = config.data, config.train
+    manifest = load_feature_manifest(d.features)
+    vocab = Vocabulary.load(Path(d.features) / "vocab.json")
+    feature_dim = int(manifest["feature_dim"])
+    m = config.model
+    model = CaptionGenerator(GeneratorConfig(vocab_size=len(vocab), feature_dim=feature_dim, cell=m.cell,
+                                             word_dim=m.word_dim, hidden_dim=m.hidden_dim, dropout=m.dropout))
+    if d.level == "full":
+        decoder = WholeImageDecoder(vocab, d.max_len, feature_dim)
+        urls = shard_paths(d.features, d.train_split)
+        sentences = int(manifest["splits"][d.train_split].get("captions", 0))
+    else:
+        assert d.snippets is not None
+        decoder = SnippetDecoder(vocab, d.max_len, feature_dim)
+        urls = shard_paths(d.snippets, "train")
+        sentences = int(load_manifest(d.snippets)["splits"]["train"].get("snippets", 0))
+    if not ctx.resuming:
+        model.init_output_bias(word_counts(vocab, sentences, d.snippets if d.level == "region" else None))
+    stream = ShardStream(urls, decoder, collate_sentences, t.batch_size, mode="train",
+                         batches_per_rank=t.batches_per_epoch, num_workers=d.num_workers,
+                         shuffle_buffer=d.shuffle_buffer, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size)
+    loader = ShardLoader(stream, num_workers=d.num_workers)
+    device, world_size = ctx.device, ctx.world_size
+
+    def batch_loss(engine: torch.nn.Module, batch: dict) -> torch.Tensor:
+        total, n = teacher_forced_loss(engine, batch["features"].to(device), batch["tokens"].to(device),
+                                       batch["token_mask"].to(device))
+        return total / max(n, 1) / world_size
+
+    settings = DecodeSettings(config.decode.beam_size, config.decode.max_len, config.decode.length_penalty)
+    evaluate, select_key = None, ""
+    if d.level == "region" and d.val_split and t.eval_every > 0 and ctx.rank == 0 \
+            and not region_targets(d.features, d.val_split, vocab, limit=50)[0]:
+        ctx.log.message(f"caption: val split {d.val_split!r} has no ground-truth mention spans: no validation, "
+                        "the final model is exported")
+    elif d.val_split and t.eval_every > 0 and ctx.rank == 0:
+        select_key = "CIDEr" if d.level == "full" else "exact_match"
+
+        def evaluate(module: torch.nn.Module, step: int) -> dict:
+            run = evaluate_full_captions if d.level == "full" else evaluate_region_descriptions
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.precision == "bf16"):
+                result = run(module, vocab, d.features, d.val_split, settings, limit=d.val_images)
+            return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+
+    return TrainTask("caption", model, vocab, stream, loader, batch_loss,
+                     features=feature_info(manifest), info={"level": d.level},
+                     evaluate=evaluate, select_key=select_key, describe=describe_caption_metrics)
+
+
+def describe_caption_metrics(m: dict) -> str:
+    keys = [k for k in ("exact_match", "BLEU-1", "BLEU-4", "CIDEr") if k in m]
+    return ", ".join(f"{k} {100 * m[k]:.1f}" for k in keys)

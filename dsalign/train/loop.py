@@ -1,0 +1,212 @@
+"""The training loop every model shares: DeepSpeed engine, resume, logging, validation, checkpoints, export.
+
+One code path for one process, ``torchrun`` and the ``deepspeed`` launcher: the engine runs ZeRO 0-2 (fp32 on
+CPU with gloo; bf16 autocast with fp32 master weights on CUDA). A model plugs in as a :class:`TrainTask`: its
+module, its training stream, the loss of one batch, a validation pass and how to export a bundle.
+
+Determinism and resume: the RNG is reseeded at every step from (seed, step, rank), the data position is
+(epoch, batch-in-epoch) = divmod(step, batches_per_epoch), and the training stream is a pure function of
+(seed, epoch, rank, worker). Resuming sets the epoch, skips the consumed batches and reloads weights and
+optimizer state, so an interrupted run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dsalign.bundle import export_bundle, load_bundle
+from dsalign.data.pipeline import ShardLoader, ShardStream
+from dsalign.text import Vocabulary
+from dsalign.train import checkpoint as ckpt
+from dsalign.train.config import ConfigError, RunConfig
+from dsalign.train.runtime import (
+    RunLogger,
+    base_optimizer,
+    build_optimizer,
+    deepspeed_config,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    step_seed,
+)
+
+BEST_DIR = "best"
+
+
+@dataclass
+class RunContext:
+    """Where and how this process trains, handed to a task factory."""
+
+    config: RunConfig
+    device: torch.device
+    precision: str
+    rank: int
+    world_size: int
+    log: RunLogger
+    resuming: bool  # a checkpoint will overwrite the fresh weights (skip one-off initialisations)
+
+
+@dataclass
+class TrainTask:
+    """What a model contributes to :func:`fit`.
+
+    ``batch_loss(module, batch)`` returns this rank's loss such that the sum over ranks is the global loss
+    (DeepSpeed averages gradients, so the loop backpropagates it times the world size). ``evaluate(module, step)``
+    runs on rank 0 only and returns metrics that include ``select_key`` (higher is better; the best model so far
+    is exported as a bundle to ``<out_dir>/best``, with ``features`` and ``info`` recorded in it).
+    """
+
+    name: str
+    model: torch.nn.Module
+    vocab: Vocabulary
+    stream: ShardStream
+    loader: ShardLoader
+    batch_loss: Callable[[torch.nn.Module, dict], torch.Tensor]
+    features: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    evaluate: Callable[[torch.nn.Module, int], dict] | None = None
+    select_key: str = ""
+    describe: Callable[[dict], str] = lambda metrics: ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+def fit(config: RunConfig, make_task: Callable[[RunContext], TrainTask], resume: bool = False,
+        export_dir: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) a training run; returns a summary (final step, last val metrics, best value).
+
+    Starts the process group if needed and leaves it up (the caller tears it down).
+    """
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    device = resolve_device(config)
+    precision = resolve_precision(config, device)
+    rank, world_size = init_distributed(config, device)
+    out_dir = Path(config.train.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    latest = ckpt.find_latest(ckpt_root) if ckpt_root.exists() else None
+    if latest is not None and not resume:
+        raise ConfigError(f"train.out_dir {out_dir} already holds checkpoints: pass --resume to continue, "
+                          "or choose another train.out_dir")
+    log = RunLogger(out_dir, rank == 0, echo)
+    try:
+        torch.manual_seed(config.train.seed)
+        task = make_task(RunContext(config, device, precision, rank, world_size, log, latest is not None))
+        return _run(config, task, latest, export_dir, device, precision, rank, world_size, log)
+    finally:
+        log.close()
+
+
+def _run(config: RunConfig, task: TrainTask, latest: Path | None, export_dir: str | Path | None,
+         device: torch.device, precision: str, rank: int, world_size: int, log: RunLogger) -> dict:
+    import deepspeed
+
+    model = task.model
+    ds_config = deepspeed_config(config, world_size, precision)
+    zero_stage = int(ds_config["zero_optimization"]["stage"])
+    meta: dict = {}
+    if latest is not None:
+        meta = ckpt.read_meta(latest)
+        if meta["world_size"] != world_size or meta.get("zero_stage") != zero_stage:
+            raise ckpt.CheckpointError(
+                f"checkpoint {latest} was written by {meta['world_size']} rank(s) with ZeRO stage "
+                f"{meta.get('zero_stage')}; this run has {world_size} rank(s) and stage {zero_stage}")
+        # Weights go in before the engine exists, so ZeRO's fp32 partitions are built from them.
+        model.load_state_dict(ckpt.load_file(latest, ckpt.MODEL_FILE))
+    engine, *_ = deepspeed.initialize(model=model.to(device), optimizer=build_optimizer(config, model),
+                                      config=ds_config)
+    if latest is not None:
+        base_optimizer(engine).load_state_dict(ckpt.load_file(latest, ckpt.rank_file(rank))["optimizer"])
+    start_step = int(meta.get("step", 0))
+    best = float(meta["best"]) if meta.get("best") is not None else float("-inf")
+    t = config.train
+    out_dir = Path(t.out_dir)
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    log.message(f"{task.name}: {world_size} rank(s) on {device}, ZeRO {zero_stage}, {precision}, global batch "
+                f"{t.batch_size * world_size}, "
+                + (f"resumed at step {start_step} from {latest}" if latest else "starting at step 0"))
+
+    def evaluate(step: int) -> dict:
+        nonlocal best
+        metrics: dict = {}
+        if task.evaluate is not None and rank == 0:
+            metrics = task.evaluate(engine.module, step)
+            log.scalars(step, "val", metrics)
+            log.message(f"step {step} val: {task.describe(metrics)}")
+            if metrics[task.select_key] > best:
+                best = metrics[task.select_key]
+                export_bundle(engine.module, task.vocab, out_dir / BEST_DIR, task.features,
+                              {**task.info, "step": step, "val": metrics})
+        dist.barrier()
+        return metrics
+
+    def save(step: int) -> None:
+        state = {"optimizer": base_optimizer(engine).state_dict()}
+        model_state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if rank == 0 else None
+        ckpt.save_checkpoint(out_dir / "checkpoints", step, rank, world_size, state, model_state,
+                             {"zero_stage": zero_stage, "seed": t.seed, "select_key": task.select_key,
+                              "best": best if best > float("-inf") else None},
+                             t.keep_checkpoints, dist.barrier)
+
+    global_batch = t.batch_size * world_size
+    step = start_step
+    last_metrics: dict = {}
+    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    engine.train()
+    while step < t.max_steps:
+        epoch, done_in_epoch = divmod(step, t.batches_per_epoch)
+        task.stream.set_epoch(epoch)
+        batches = iter(task.loader)
+        for _ in range(done_in_epoch):
+            next(batches)
+        for batch in batches:
+            torch.manual_seed(step_seed(t.seed, step, rank))
+            local = task.batch_loss(engine, batch)
+            # DeepSpeed averages gradients over ranks; the local losses sum to the global loss.
+            engine.backward(local * world_size)
+            engine.step()
+            step += 1
+            total = local.detach().reshape(1).float()
+            if world_size > 1:
+                dist.all_reduce(total)
+            if not torch.isfinite(total).all():
+                raise RuntimeError(f"step {step}: the loss is not finite ({float(total)}); lower optim.lr")
+            window_steps += 1
+            window_loss += float(total)
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps * global_batch / max(elapsed, 1e-9)
+                values = {"loss": window_loss / window_steps, "samples_per_s": rate, "epoch": float(epoch)}
+                log.scalars(step, "train", values)
+                log.message(f"step {step} epoch {epoch} loss {values['loss']:.4f} {rate:.1f} samples/s")
+                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            if t.eval_every and step % t.eval_every == 0:
+                last_metrics = evaluate(step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                save(step)
+            if step >= t.max_steps:
+                break
+    if t.eval_every and step % t.eval_every and step > start_step:
+        last_metrics = evaluate(step)
+    if not (t.checkpoint_every and step % t.checkpoint_every == 0) and step > start_step:
+        save(step)
+    log.message(f"{task.name}: done at step {step}; training data {task.loader.report()}")
+    if export_dir is not None and rank == 0:
+        if (out_dir / BEST_DIR).is_dir():
+            best_bundle = load_bundle(out_dir / BEST_DIR)
+            export_bundle(best_bundle.model, best_bundle.vocab, export_dir, best_bundle.features, best_bundle.info)
+        else:
+            export_bundle(engine.module, task.vocab, export_dir, task.features, {**task.info, "step": step})
+        log.message(f"{task.name}: bundle exported to {export_dir}")
+    dist.barrier()
+    return {"step": step, "val": last_metrics, "best": best, "select_key": task.select_key, "rank": rank,
+            "world_size": world_size}

@@ -1,0 +1,180 @@
+"""The Python inference API (`dsalign.load`) and its commands, on the tiny demo's barely trained model folder.
+
+Quality is measured elsewhere (docs/results.md); here: every method's contract and the odd inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dsalign
+from dsalign.api import MAX_WORDS, InputError, Region, Snippet
+from dsalign.bundle import BundleError
+from dsalign.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_demo):
+    out, status, _ = tiny_demo
+    assert status == 0
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return dsalign.load(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scene(tiny_demo):
+    """A test image of the demo (PIL) and its boxes, plus the same image saved as a PNG."""
+    from dsalign.demo import report_items
+
+    out = tiny_demo[0]
+    item = report_items(out / "shards", "test", 1)[0]
+    path = out / "scene.png"
+    item.image.save(path)
+    return item.image, list(item.boxes), path
+
+
+def _odd_images(image: Image.Image) -> list:
+    rgba = image.convert("RGBA")
+    rgba.putalpha(128)
+    return [image.convert("L"), rgba, image.convert("P"), image.convert("CMYK"), np.asarray(image.convert("L")),
+            np.asarray(rgba), image.resize((17, 300)), image.resize((900, 40))]
+
+
+def test_load_recognises_each_bundle(model, model_dir):
+    assert model.alignment is not None and model.caption_full is not None and model.caption_region is not None
+    assert "alignment" in repr(model) and "regions" in repr(model)
+    only = dsalign.load(model_dir / "alignment", device="cpu")
+    assert only.caption_full is None
+    with pytest.raises(BundleError, match="no full-image caption bundle"):
+        only.caption(["x.png"])
+    with pytest.raises(BundleError, match="no such bundle"):
+        dsalign.load(model_dir / "missing")
+
+
+def test_caption_any_image_mode_and_size(model, scene):
+    image, _, path = scene
+    inputs = [path, str(path), image, *_odd_images(image)]
+    captions = model.caption(inputs, beam_size=2)
+    assert len(captions) == len(inputs) and all(isinstance(c, str) for c in captions)
+    assert captions[0] == captions[1] == captions[2]  # path, str path and PIL image are the same picture
+    assert model.caption(image, beam_size=2) == [captions[2]]  # one image, not a list
+    assert model.caption([]) == []
+
+
+def test_bad_images_are_one_line_errors(model, tmp_path):
+    with pytest.raises(InputError, match="no such image file"):
+        model.caption([tmp_path / "missing.jpg"])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(InputError, match="not a readable image"):
+        model.caption([text])
+    with pytest.raises(InputError, match="shape"):
+        model.caption([np.zeros((4, 4, 7), dtype=np.uint8)])
+    with pytest.raises(InputError, match="a path, a PIL image or an array"):
+        model.caption([42])
+
+
+def test_describe_regions(model, scene):
+    image, boxes, _ = scene
+    regions = model.describe_regions(image, top_k=3, beam_size=2)
+    assert 1 <= len(regions) <= 3 and all(isinstance(r, Region) for r in regions)
+    assert [r.score for r in regions] == sorted((r.score for r in regions), reverse=True)
+    assert all(0 <= r.score <= 1 and all(0 <= x <= 1 for x in r.box) for r in regions)
+    given = model.describe_regions(image, top_k=None, beam_size=2, boxes=boxes)
+    assert sorted(r.box for r in given) == sorted(tuple(map(float, b)) for b in boxes)
+
+
+def test_align_covers_the_sentence_with_snippets(model, scene):
+    image, boxes, _ = scene
+    sentence = "A big red star next to a small blue circle"
+    snippets = model.align(image, sentence, beta=0.0, boxes=boxes)
+    assert all(isinstance(s, Snippet) for s in snippets)
+    assert snippets[0].start == 0 and snippets[-1].end == 10
+    assert all(a.end == b.start for a, b in zip(snippets, snippets[1:]))
+    assert " ".join(s.text for s in snippets) == "a big red star next to a small blue circle"
+    assert all(0 <= s.region <= len(boxes) for s in snippets)
+    one_region = model.align(image, sentence, beta=1e6, boxes=boxes)
+    assert len(one_region) == 1 and one_region[0].text == "a big red star next to a small blue circle"
+    with pytest.raises(InputError, match="beta"):
+        model.align(image, sentence, beta=-1)
+
+
+def test_odd_sentences_have_defined_results(model, scene):
+    image = scene[0]
+    assert model.align(image, "") == [] and model.align(image, "?!  ...") == []
+    unknown = model.align(image, "zzyzx qwfp")
+    assert unknown[-1].end == 2
+    long = model.align(image, " ".join(["star"] * 1000))
+    assert long[-1].end == MAX_WORDS
+    ranked = dict(model.rank_sentences(image, ["a red star", "", "zzyzx"]))
+    assert ranked[1] == 0.0 and sorted(ranked) == [0, 1, 2]
+    with pytest.raises(InputError, match="string"):
+        model.rank_sentences(image, [None])
+
+
+def test_ranking_is_the_papers_score_of_the_embeddings(model, scene):
+    image, _, path = scene
+    sentences = ["a red star", "two blue circles on a gray background", "nothing"]
+    ranked = model.rank_sentences(image, sentences)
+    assert sorted(i for i, _ in ranked) == [0, 1, 2]
+    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    v = model.embed_images([image])[0]
+    for index, score in ranked:
+        s = model.embed_sentences([sentences[index]])[0]
+        assert score == pytest.approx(float((s @ v.T).max(1).values.sum()), rel=1e-4, abs=1e-4)
+    images = model.rank_images("a red star", [image, image.convert("L"), path])
+    assert sorted(i for i, _ in images) == [0, 1, 2]
+    assert model.embed_sentences([""])[0].shape[0] == 0
+    assert model.rank_images("x", []) == [] and model.rank_sentences(image, []) == []
+
+
+def _run(*argv: str, capsys) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_commands(model_dir, scene, tmp_path, capsys):
+    _, _, path = scene
+    status, out, _ = _run("caption", str(path), str(path), "--bundle", str(model_dir), "--beam-size", "2",
+                          "--device", "cpu", capsys=capsys)
+    assert status == 0 and out.count(str(path)) == 2
+    status, out, _ = _run("describe", str(path), "--bundle", str(model_dir), "--out", str(tmp_path / "d.png"),
+                          "--json", "--top-k", "2", "--device", "cpu", capsys=capsys)
+    assert status == 0 and len(json.loads(out.split("describe:")[0])) <= 2
+    assert Image.open(tmp_path / "d.png").size[0] >= 128
+    status, out, _ = _run("align", str(path), "a red star", "--bundle", str(model_dir), "--out",
+                          str(tmp_path / "a.png"), "--heatmap", str(tmp_path / "h.png"), "--device", "cpu",
+                          capsys=capsys)
+    assert status == 0 and (tmp_path / "a.png").is_file() and (tmp_path / "h.png").is_file()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.open(path).save(folder / "one.png")
+    Image.open(path).convert("L").save(folder / "two.jpg")
+    (folder / "broken.png").write_bytes(b"not a png")
+    status, out, _ = _run("report", "--bundle", str(model_dir), "--images", str(folder), "--out",
+                          str(tmp_path / "r.html"), "--beam-size", "2", "--device", "cpu", capsys=capsys)
+    assert status == 0 and "skipped broken.png" in out and "2 images" in out
+    html = (tmp_path / "r.html").read_text()
+    assert "one.png" in html and "two.jpg" in html
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["caption", "missing.jpg"], "no such image file"),
+    (["describe", "{image}", "--bundle", "nowhere"], "no such bundle"),
+    (["align", "{image}", "--bundle", "{model}"], "give IMG and SENTENCE"),
+    (["report", "--images", "nowhere", "--out", "r.html"], "no such folder"),
+])
+def test_command_errors_are_one_line(model_dir, scene, argv, message, capsys):
+    argv = [a.format(image=scene[2], model=model_dir) for a in argv]
+    if "--bundle" not in argv:
+        argv += ["--bundle", str(model_dir)]
+    status, _, err = _run(*argv, capsys=capsys)
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
