@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dsalign.bundle import ALIGNMENT_FORMAT, CAPTION_FORMAT, Bundle, BundleError, load_bundles
+from dsalign.bundle import ALIGNMENT_FORMAT, Bundle, BundleError, load_bundles
 from dsalign.eval.generation import DecodeSettings
 from dsalign.features.extract import FeatureConfig, FeatureExtractor, RegionFeatures
 from dsalign.features.regions import GivenRegions
@@ -104,15 +104,14 @@ def load(path: str | Path, device: str | torch.device | None = None, regions: st
     ``regions`` overrides the region source used on raw images (``selective-search``, ``grid``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    alignment = full = region = None
+    roles: dict[str, Bundle] = {}
     for bundle in load_bundles(path, device):
-        if bundle.format == ALIGNMENT_FORMAT:
-            alignment = bundle
-        elif bundle.format == CAPTION_FORMAT and bundle.info.get("level") == "region":
-            region = bundle
-        elif bundle.format == CAPTION_FORMAT:
-            full = bundle
-    return Model(alignment, full, region, device, regions)
+        role = "alignment" if bundle.format == ALIGNMENT_FORMAT else bundle.info.get("level", "full")
+        if role in roles:
+            raise BundleError(f"{path}: holds more than one {role} bundle; point at one of them or a folder "
+                              "with one of each kind")
+        roles[role] = bundle
+    return Model(roles.get("alignment"), roles.get("full"), roles.get("region"), device, regions)
 
 
 class Model:
@@ -195,17 +194,20 @@ class Model:
         for i, w in enumerate(words):
             tokens[i, : len(w)], mask[i, : len(w)] = torch.tensor(bundle.vocab.encode(w), dtype=torch.long), True
         tokens, mask = tokens.to(self.device), mask.to(self.device)
-        vectors = bundle.model.encode_sentences(tokens, mask) if len(words) else torch.zeros(0, n, 1)
-        return vectors * mask[..., None], mask, words
+        return bundle.model.encode_sentences(tokens, mask) * mask[..., None], mask, words
 
     def embed_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
         """Region vectors v_i [R, h] per image (the paper's Eq. 1; region 0 = whole image), on the CPU."""
+        if not images:
+            return []
         features = self.region_features(images)
         v, mask = self._region_vectors(features)
         return [v[i, mask[i]].cpu() for i in range(len(features))]
 
     def embed_sentences(self, sentences: Sequence[str]) -> list[torch.Tensor]:
         """Word vectors s_t [T, h] per sentence (Eqs. 2-6); [0, h] for a sentence without words."""
+        if not sentences:
+            return []
         s, mask, _ = self._word_vectors(sentences)
         return [s[i, mask[i]].cpu() for i in range(len(sentences))]
 

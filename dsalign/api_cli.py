@@ -1,5 +1,6 @@
-"""``dsalign caption | describe | report`` and the single-image mode of ``dsalign align``: the inference API
-on the command line. Bad input (missing file, not an image, bad bundle) is one line and exit status 2."""
+"""``dsalign caption | describe | report | eval`` and the single-image mode of ``dsalign align``: the inference
+API and evaluation on the command line. Bad input (missing file, not an image, bad bundle) is one line and exit
+status 2."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dsalign.cli_args import positive
+from dsalign.cli_args import bounded, positive
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -53,6 +54,27 @@ def add_api_parsers(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--limit", type=positive, help="at most this many images (sorted by name)")
     report.add_argument("--top-k", type=positive, default=5, help="region descriptions per image (default 5)")
     report.set_defaults(func=_run_report)
+
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a bundle (or folder of bundles) on a split: retrieval, captions, regions",
+        description="Every metric the bundles support on one split of a feature folder: retrieval R@K "
+                    "(alignment), BLEU-1..4/METEOR/ROUGE-L/CIDEr + novelty (full-image captions, beam search), "
+                    "exact phrase match + metrics (region descriptions, data with ground-truth spans). "
+                    "Writes one JSON document (stdout, or --out).")
+    evaluate.add_argument("--bundle", required=True, type=Path, help="a bundle or a folder of bundles")
+    evaluate.add_argument("--features", required=True, type=Path, help="feature folder (`dsalign features`)")
+    evaluate.add_argument("--split", default="test", help="split to evaluate (default test)")
+    evaluate.add_argument("--out", type=Path, help="write the metrics JSON here (default: print it)")
+    evaluate.add_argument("--predictions", type=Path, help="also write the generated captions (JSON) here")
+    evaluate.add_argument("--beam-size", type=positive, default=7, help="beam size (default 7)")
+    evaluate.add_argument("--max-len", type=positive, default=20, help="most words per caption (default 20)")
+    evaluate.add_argument("--length-penalty", type=bounded(float, 0.0), default=0.0,
+                          help="GNMT length normalisation alpha (default 0: plain log-probability)")
+    evaluate.add_argument("--metrics", default="BLEU,METEOR,ROUGE_L,CIDEr",
+                          help="caption scorers, comma-separated (default all; METEOR needs Java)")
+    evaluate.add_argument("--limit", type=positive, help="captions: at most this many images")
+    evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    evaluate.set_defaults(func=_run_eval)
 
 
 def add_image_align_arguments(cmd: argparse.ArgumentParser) -> None:
@@ -145,3 +167,22 @@ def _run_report(args: argparse.Namespace) -> None:
         print(f"report: skipped {line}")
     print(f"report: {len(entries)} images -> {args.out}")
 
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from dsalign.eval.generation import DecodeSettings
+    from dsalign.evaluate import evaluate_bundles
+
+    settings = DecodeSettings(args.beam_size, args.max_len, args.length_penalty)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    result = evaluate_bundles(args.bundle, args.features, args.split, settings, metrics, args.limit, args.device)
+    predictions = {part: result[part].pop("predictions") for part in ("captions", "regions")
+                   if result[part] and "predictions" in result[part]}
+    if args.predictions:
+        args.predictions.write_text(json.dumps(predictions, indent=1))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+        print(f"eval: {args.split} metrics -> {args.out}")
+    else:
+        print(text)

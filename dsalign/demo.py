@@ -19,23 +19,21 @@ import torch
 
 from dsalign.api import load
 from dsalign.bundle import load_alignment_bundle, load_caption_bundle
-from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
 from dsalign.data.images import decode_rgb
-from dsalign.data.pipeline import ShardLoader, ShardStream
 from dsalign.data.prepare import prepare_dataset
 from dsalign.data.shapes import generate_shapes
 from dsalign.data.shards import image_member, iter_tar_samples, shard_paths
 from dsalign.eval.captions import SCORERS
 from dsalign.eval.generation import DecodeSettings, evaluate_full_captions, evaluate_region_descriptions
+from dsalign.evaluate import retrieval_on_split, training_captions
 from dsalign.features.extract import FeatureConfig, extract_features
 from dsalign.model_report import ReportItem, build_entry
 from dsalign.report import write_report
 from dsalign.snippet_align import align_folder, evaluate_shapes_alignment
-from dsalign.text import Vocabulary
-from dsalign.train.align import evaluate_retrieval, train_alignment
+from dsalign.train.align import train_alignment
 from dsalign.train.caption import train_caption
 from dsalign.train.config import CaptionTrainConfig, RunConfig, TrainConfig, parse_config
-from dsalign.viz import picture_for
+from dsalign.viz import draw_regions, picture_for
 
 BETA = 0.5  # the snippet MRF's bonus for staying on one region (chosen on shapes val, docs/alignment.md)
 
@@ -76,16 +74,6 @@ def _train(kind: type[RunConfig], config: dict, export_dir: Path) -> dict:
     return train(parsed, resume=(Path(parsed.train.out_dir) / "checkpoints").exists(), export_dir=export_dir)
 
 
-def _training_captions(shards: Path) -> list[str]:
-    """The raw training captions of an image-shard folder (for the novelty statistic)."""
-    captions = []
-    for url in shard_paths(shards, "train"):
-        for _, members in iter_tar_samples(url):
-            meta = json.loads(members.get("json", b"{}"))
-            captions.extend(c.get("raw", "") for c in meta.get("captions", []) if isinstance(c, dict))
-    return captions
-
-
 def report_items(shards: Path, split: str, count: int) -> list[ReportItem]:
     """The first ``count`` images of a split of an image-shard folder, with their boxes and first caption."""
     items: list[ReportItem] = []
@@ -101,16 +89,6 @@ def report_items(shards: Path, split: str, count: int) -> list[ReportItem]:
             if len(items) == count:
                 return items
     return items
-
-
-def test_retrieval(bundle_dir: Path, features: Path) -> dict:
-    """R@K of the exported bundle on the test split of the feature folder."""
-    bundle = load_alignment_bundle(bundle_dir)
-    manifest = load_feature_manifest(features)
-    decoder = FeatureSampleDecoder(Vocabulary.load(features / manifest["vocab"]),
-                                   feature_dim=manifest.get("feature_dim"))
-    loader = ShardLoader(ShardStream(shard_paths(features, "test"), decoder, collate_features, 100, mode="eval"))
-    return evaluate_retrieval(bundle.model, loader, captions_per_image=5, device=torch.device("cpu"))
 
 
 def run_demo(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, n_test: int = 200, seed: int = 0,
@@ -150,7 +128,7 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
     timings["train_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    retrieval = test_retrieval(bundle_dir, features)
+    retrieval = retrieval_on_split(load_alignment_bundle(bundle_dir), features)
     timings["eval_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -175,14 +153,21 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
     full = load_caption_bundle(model_dir / "caption_full")
     region = load_caption_bundle(model_dir / "caption_region")
     captions = evaluate_full_captions(full.model, full.vocab, features, "test", settings, SCORERS,
-                                      training_captions=_training_captions(shards))
+                                      training_captions=training_captions(shards))
     regions = evaluate_region_descriptions(region.model, region.vocab, features, "test", settings)
     timings["caption_eval_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     model = load(model_dir, device="cpu")
-    entries = [build_entry(model, item, beam_size=3) for item in report_items(shards, "test", report_images)]
+    items = report_items(shards, "test", report_images)
+    examples = out / "examples"
+    examples.mkdir(exist_ok=True)
+    for item in items:  # the raw test images, for trying the API and the CLI on
+        item.image.save(examples / f"{item.name}.png")
+    entries = [build_entry(model, item, beam_size=3) for item in items]
     report = write_report(entries, out / "report.html", title="dsalign demo: shapes test images")
+    regions_png = out / "regions.png"
+    draw_regions(items[0].image, entries[0].regions, regions_png)
     timings["report_s"] = time.perf_counter() - tick
 
     metrics = {"test_retrieval": retrieval, "test_alignment": alignment,
@@ -192,7 +177,8 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
     summary = {
         "shards": str(shards), "vocab_size": manifest["vocab_size"], "features": str(features),
         "training_run": str(out / "align"), "bundle": str(bundle_dir), "model": str(model_dir), "train": trained,
-        "snippets": str(snippets), "beta": BETA, "picture": str(picture), "report": str(report),
+        "snippets": str(snippets), "beta": BETA, "picture": str(picture), "regions_picture": str(regions_png),
+        "examples": str(examples), "report": str(report),
         "metrics_table": str(table), "example_captions": dict(list(captions["predictions"].items())[:5]),
         **metrics, "timings": timings,
     }
@@ -242,7 +228,8 @@ def format_summary(summary: dict) -> str:
         f"test captions: BLEU-4 {100 * c['BLEU-4']:.1f}, CIDEr {100 * c['CIDEr']:.1f}; e.g. {example[0]}: "
         f"\"{example[1]}\"",
         f"test regions:  exact phrase match {100 * d['exact_match']:.1f}% of {d['regions']:.0f} boxes",
-        f"picture:       {summary['picture']}",
+        f"pictures:      {summary['picture']} (alignments), {summary['regions_picture']} (region descriptions)",
+        f"example images: {summary['examples']} (try `dsalign caption IMG --bundle {summary['model']}`)",
         f"report:        {summary['report']} (open in a browser)",
         f"metrics:       {summary['metrics_table']}",
         f"summary:       {Path(summary['shards']).parent / 'summary.json'}",

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
 from dsalign.data.manifest import load_manifest, write_manifest
-from dsalign.data.pipeline import SKIP_KEY, RawSample, ShardStream, decode_meta
+from dsalign.data.pipeline import SKIP_KEY, RawSample, ShardStream, decode_meta, usable_caption
 from dsalign.data.shard_output import AtomicShard, finished_stats
 from dsalign.data.shards import iter_tar_samples
 from dsalign.ops.score import word_region_similarity
@@ -100,8 +100,7 @@ class _PairDecoder:
         sample = self.inner(key, raw)
         meta = decode_meta(raw)
         captions = meta["captions"]
-        kept = [i for i, c in enumerate(captions)
-                if isinstance(c, dict) and isinstance(c.get("tokens"), list) and c["tokens"]]
+        kept = [i for i, c in enumerate(captions) if usable_caption(c)]  # the captions the inner decoder kept
         sample["caption_index"] = kept
         sample["caption_tokens"] = [[str(t) for t in captions[i]["tokens"]] for i in kept]
         sample["caption_spans"] = [[tuple(int(x) for x in s) for s in captions[i].get("spans") or []] for i in kept]

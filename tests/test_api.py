@@ -30,14 +30,12 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def scene(tiny_demo):
-    """A test image of the demo (PIL) and its boxes, plus the same image saved as a PNG."""
+    """A test image of the demo (PIL) and its boxes, plus the PNG the demo saved of it."""
     from dsalign.demo import report_items
 
     out = tiny_demo[0]
     item = report_items(out / "shards", "test", 1)[0]
-    path = out / "scene.png"
-    item.image.save(path)
-    return item.image, list(item.boxes), path
+    return item.image, list(item.boxes), out / "examples" / f"{item.name}.png"
 
 
 def _odd_images(image: Image.Image) -> list:
@@ -132,6 +130,7 @@ def test_ranking_is_the_papers_score_of_the_embeddings(model, scene):
     images = model.rank_images("a red star", [image, image.convert("L"), path])
     assert sorted(i for i, _ in images) == [0, 1, 2]
     assert model.embed_sentences([""])[0].shape[0] == 0
+    assert model.embed_sentences([]) == [] and model.embed_images([]) == []
     assert model.rank_images("x", []) == [] and model.rank_sentences(image, []) == []
 
 
@@ -178,3 +177,29 @@ def test_command_errors_are_one_line(model_dir, scene, argv, message, capsys):
         argv += ["--bundle", str(model_dir)]
     status, _, err = _run(*argv, capsys=capsys)
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_eval_command_scores_the_predictions_it_writes(model_dir, tiny_demo, tmp_path, capsys):
+    from dsalign.eval.captions import score_captions
+    from dsalign.evaluate import training_captions
+
+    features = tiny_demo[0] / "features"
+    status, _, _ = _run("eval", "--bundle", str(model_dir), "--features", str(features), "--beam-size", "2",
+                        "--metrics", "BLEU,CIDEr", "--out", str(tmp_path / "m.json"), "--predictions",
+                        str(tmp_path / "p.json"), capsys=capsys)
+    assert status == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    predictions = json.loads((tmp_path / "p.json").read_text())
+    assert result["retrieval"]["images"] == 20 and result["regions"]["regions"] > 20
+    assert len(predictions["captions"]) == 20 and set(result["settings"]) >= {"beam_size", "metrics"}
+    references: dict[str, list[str]] = {}
+    from dsalign.data.shards import iter_tar_samples, shard_paths
+
+    for url in shard_paths(features, "test"):
+        for _, members in iter_tar_samples(url):
+            meta = json.loads(members["json"])
+            references[meta["image_id"]] = [c["raw"] for c in meta["captions"]]
+    direct = score_captions(predictions["captions"], references, ("BLEU", "CIDEr"))
+    for key in ("BLEU-1", "BLEU-4", "CIDEr"):
+        assert result["captions"][key] == pytest.approx(direct[key])
+    assert len(training_captions(features)) == 600  # 120 training scenes x 5

@@ -7,11 +7,13 @@ def test_demo_runs_every_stage_and_reports_where_things_went(tiny_demo):
     out, status, printed = tiny_demo
     assert status == 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("shards", "features", "model", "snippets", "picture", "report", "metrics_table"):
+    for key in ("shards", "features", "model", "snippets", "picture", "regions_picture", "examples", "report",
+                "metrics_table"):
         assert summary[key] in printed
     for bundle in ("alignment", "caption_full", "caption_region"):
         assert (out / "model" / bundle / "weights.safetensors").is_file()
-    assert (out / "alignment.png").stat().st_size > 1000
+    assert (out / "alignment.png").stat().st_size > 1000 and (out / "regions.png").stat().st_size > 1000
+    assert len(list((out / "examples").glob("*.png"))) == 3
     assert summary["test_retrieval"]["images"] == 20
     assert 0 <= summary["test_alignment"]["accuracy"] <= 1 and summary["test_alignment"]["mentions"] > 20
     assert json.loads((out / "snippets" / "manifest.json").read_text())

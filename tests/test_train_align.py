@@ -217,3 +217,33 @@ def test_two_ranks_under_torchrun_rank_failure_and_resume(tmp_path: Path, featur
     meta, _ = _final_state(tmp_path / "run")
     assert (meta["step"], meta["world_size"], meta["zero_stage"]) == (8, 2, 1)
     assert (tmp_path / "run" / "checkpoints" / "step_000000008" / "rank1.pt").is_file()
+
+
+def test_zero2_resume_matches_an_uninterrupted_run(tmp_path: Path, features: Path) -> None:
+    """ZeRO stage 2 partitions gradients and optimizer state; stopping at step 4 and resuming must end where an
+    uninterrupted run ends, bitwise (world of one, in this process)."""
+    import torch.distributed as dist
+
+    from dsalign.train.align import train_alignment
+
+    def run(folder: str, max_steps: int, resume: bool) -> None:
+        path = _config(tmp_path / folder, features, max_steps=max_steps, eval_every=0)
+        config = load_config(path, ["distributed.zero_stage=2"])
+        try:
+            train_alignment(config, resume=resume, echo=lambda _: None)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "parts").mkdir()
+    run("whole", 8, False)
+    run("parts", 4, False)
+    run("parts", 8, True)
+    whole_meta, whole = _final_state(tmp_path / "whole" / "run")
+    parts_meta, parts = _final_state(tmp_path / "parts" / "run")
+    assert whole_meta["step"] == parts_meta["step"] == 8 and whole_meta["zero_stage"] == 2
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        if isinstance(whole[key], torch.Tensor):
+            assert torch.equal(whole[key], parts[key]), key

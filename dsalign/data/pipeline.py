@@ -82,6 +82,12 @@ def decode_meta(raw: RawSample) -> dict:
     return meta
 
 
+def usable_caption(caption: object) -> bool:
+    """A caption the pipelines train on: a dict whose ``tokens`` are a non-empty list of strings."""
+    tokens = caption.get("tokens") if isinstance(caption, dict) else None
+    return isinstance(tokens, list) and bool(tokens) and all(isinstance(t, str) for t in tokens)
+
+
 def decode_captions(meta: dict, vocab: Vocabulary, max_len: int | None) -> tuple[list[list[int]], list[str]]:
     """Token ids and raw text of every caption whose tokens are a non-empty list of strings (others are left
     out, as ``prepare`` leaves out empty ones); SampleError when none is left."""
@@ -90,10 +96,9 @@ def decode_captions(meta: dict, vocab: Vocabulary, max_len: int | None) -> tuple
         raise SampleError("bad_metadata", "no caption list")
     ids, raws = [], []
     for caption in captions:
-        tokens = caption.get("tokens") if isinstance(caption, dict) else None
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        if not usable_caption(caption):
             continue
-        ids.append(vocab.encode(tokens[:max_len]))
+        ids.append(vocab.encode(caption["tokens"][:max_len]))
         raws.append(str(caption.get("raw", "")))
     if not ids:
         raise SampleError("no_captions")

@@ -128,12 +128,12 @@ def region_targets(features: str | Path, split: str, vocab: Vocabulary, limit: i
 
 def evaluate_region_descriptions(generator: CaptionGenerator, vocab: Vocabulary, features: str | Path, split: str,
                                  settings: DecodeSettings, metrics: Iterable[str] = FAST_METRICS,
-                                 limit: int | None = None) -> dict:
+                                 limit: int | None = None, batch_size: int = 100) -> dict:
     """exact_match (share of mentioned boxes described by one of their own phrases) and caption metrics of the
     region descriptions against those phrases; ValueError when the split has no ground-truth spans."""
     from dsalign.eval.captions import score_captions
 
-    targets, unmatched = region_targets(features, split, vocab, limit)
+    targets, unmatched = region_targets(features, split, vocab, limit, batch_size=batch_size)
     if not targets:
         raise ValueError(f"split {split!r} of {features} has no ground-truth mention spans to compare with")
     sentences = describe_vectors(generator, vocab, torch.stack([t.feature for t in targets]), settings)

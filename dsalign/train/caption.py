@@ -44,7 +44,8 @@ def train_caption(config: CaptionTrainConfig, resume: bool = False, export_dir: 
     return fit(config, caption_task, resume, export_dir, echo)
 
 
-def word_counts(vocab: Vocabulary, sentences: int, snippet_folder: str | Path | None = None) -> torch.Tensor:
+def word_counts(vocab: Vocabulary, sentences: int, snippet_folder: str | Path | None = None,
+                split: str = "train") -> torch.Tensor:
     """Training counts per vocabulary id for the output-bias init: the vocabulary's own counts (full captions)
     or a pass over the snippet shards' words (region level); END once per sentence."""
     counts = torch.zeros(len(vocab), dtype=torch.float64)
@@ -55,7 +56,7 @@ def word_counts(vocab: Vocabulary, sentences: int, snippet_folder: str | Path | 
     else:
         tally: Counter = Counter()
         manifest = load_manifest(snippet_folder)
-        for rel in manifest["splits"]["train"]["shards"]:
+        for rel in manifest["splits"][split]["shards"]:
             for _, members in iter_tar_samples(Path(snippet_folder) / rel):
                 tally.update(vocab.encode(json.loads(members["json"]).get("tokens", [])))
         for index, count in tally.items():
@@ -82,10 +83,11 @@ def caption_task(ctx: RunContext) -> TrainTask:
     else:
         assert d.snippets is not None
         decoder = SnippetDecoder(vocab, d.max_len, feature_dim)
-        urls = shard_paths(d.snippets, "train")
-        sentences = int(load_manifest(d.snippets)["splits"]["train"].get("snippets", 0))
+        urls = shard_paths(d.snippets, d.train_split)
+        sentences = int(load_manifest(d.snippets)["splits"][d.train_split].get("snippets", 0))
     if not ctx.resuming:
-        model.init_output_bias(word_counts(vocab, sentences, d.snippets if d.level == "region" else None))
+        model.init_output_bias(word_counts(vocab, sentences, d.snippets if d.level == "region" else None,
+                                           d.train_split))
     stream = ShardStream(urls, decoder, collate_sentences, t.batch_size, mode="train",
                          batches_per_rank=t.batches_per_epoch, num_workers=d.num_workers,
                          shuffle_buffer=d.shuffle_buffer, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size)
@@ -109,7 +111,8 @@ def caption_task(ctx: RunContext) -> TrainTask:
         def evaluate(module: torch.nn.Module, step: int) -> dict:
             run = evaluate_full_captions if d.level == "full" else evaluate_region_descriptions
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.precision == "bf16"):
-                result = run(module, vocab, d.features, d.val_split, settings, limit=d.val_images)
+                result = run(module, vocab, d.features, d.val_split, settings, limit=d.val_images,
+                             batch_size=d.val_batch_size)
             return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
 
     return TrainTask("caption", model, vocab, stream, loader, batch_loss,

@@ -133,7 +133,8 @@ class CaptionDataConfig:
     """Training data of the generator. level full: whole-image vectors (region 0 of the feature shards) and
     every caption; level region: the region-snippet shards of ``dsalign align`` (``snippets``). Validation
     always reads the feature shards' ``val_split`` (full: caption metrics against the image's captions;
-    region: against the ground-truth mention phrases of each box, where the data has them)."""
+    region: against the ground-truth mention phrases of each box, where the data has them). At the region level
+    ``train_split`` names the split of the snippet folder."""
 
     features: str = field(default="", metadata=_spec())
     level: str = field(default="full", metadata=_spec(choices=("full", "region")))
@@ -168,9 +169,10 @@ class DecodeConfig:
 
 @dataclass
 class CaptionTrainConfig(RunConfig):
-    """``dsalign train caption``. batch_size counts sentences (full level: all captions of batch_size/5
-    images per step)."""
+    """``dsalign train caption``. train.batch_size counts samples: images at the full level (each with all its
+    captions, about 5 sentences), region-snippet pairs at the region level."""
 
+    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(out_dir="runs/caption"))
     data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
     model: GeneratorModelConfig = field(default_factory=GeneratorModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)

@@ -1,0 +1,77 @@
+"""``dsalign eval``: every metric a bundle (or a folder of bundles) supports, on one split of a feature folder.
+
+- alignment bundle: image-sentence retrieval R@K and median rank (all images of the split against their
+  first five captions: the paper's protocol on the 1,000-image Flickr8k/30k test splits; a 5,000-image COCO
+  test split gives the 5K protocol, see ``dsalign.eval.retrieval.coco_1k`` for 1K folds);
+- full-image caption bundle: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr with beam search, and the share of
+  generated captions that are not copies of a training caption;
+- region caption bundle: exact phrase match and caption metrics against the ground-truth mention phrases (data
+  with spans, e.g. shapes; otherwise ``{"skipped": reason}``).
+
+One JSON document: ``{"split", "features", "retrieval", "captions", "regions", "settings"}`` (absent parts are
+null), with the generated captions in ``predictions`` beside it when asked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from dsalign.bundle import ALIGNMENT_FORMAT, CAPTION_FORMAT, Bundle, load_bundles
+from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
+from dsalign.data.pipeline import ShardLoader, ShardStream
+from dsalign.data.shards import iter_tar_samples, shard_paths
+from dsalign.eval.generation import DecodeSettings, evaluate_full_captions, evaluate_region_descriptions
+from dsalign.text import Vocabulary
+
+
+def retrieval_on_split(bundle: Bundle, features: str | Path, split: str = "test", captions_per_image: int = 5,
+                       device: torch.device | str = "cpu") -> dict:
+    """R@K of an alignment bundle on a split of the feature folder."""
+    from dsalign.train.align import evaluate_retrieval
+
+    features = Path(features)
+    manifest = load_feature_manifest(features)
+    decoder = FeatureSampleDecoder(Vocabulary.load(features / manifest["vocab"]),
+                                   feature_dim=manifest.get("feature_dim"))
+    loader = ShardLoader(ShardStream(shard_paths(features, split), decoder, collate_features, 100, mode="eval"))
+    return evaluate_retrieval(bundle.model, loader, captions_per_image, torch.device(device))
+
+
+def training_captions(features: str | Path, split: str = "train") -> list[str]:
+    """The raw captions of a split of an image- or feature-shard folder (metadata only; no pixels decoded)."""
+    captions: list[str] = []
+    for url in shard_paths(features, split):
+        for _, members in iter_tar_samples(url):
+            meta = json.loads(members.get("json", b"{}"))
+            captions.extend(c.get("raw", "") for c in meta.get("captions", []) if isinstance(c, dict))
+    return captions
+
+
+def evaluate_bundles(bundle_path: str | Path, features: str | Path, split: str = "test",
+                     settings: DecodeSettings | None = None, metrics: Iterable[str] | None = None,
+                     limit: int | None = None, device: str = "cpu", novelty: bool = True) -> dict:
+    """The JSON document described in the module docstring (``predictions`` included)."""
+    from dsalign.eval.captions import SCORERS
+
+    settings = settings or DecodeSettings()
+    metrics = tuple(metrics or SCORERS)
+    result: dict = {"split": split, "features": str(features), "retrieval": None, "captions": None,
+                    "regions": None, "settings": {**vars(settings), "metrics": list(metrics), "limit": limit}}
+    for bundle in load_bundles(bundle_path, device):
+        if bundle.format == ALIGNMENT_FORMAT:
+            result["retrieval"] = retrieval_on_split(bundle, features, split, device=device)
+        elif bundle.format == CAPTION_FORMAT and bundle.info.get("level") == "region":
+            try:
+                result["regions"] = evaluate_region_descriptions(bundle.model, bundle.vocab, features, split,
+                                                                 settings, metrics, limit)
+            except ValueError as exc:  # no ground-truth spans: the other parts still count
+                result["regions"] = {"skipped": str(exc)}
+        elif bundle.format == CAPTION_FORMAT:
+            train = training_captions(features) if novelty else None
+            result["captions"] = evaluate_full_captions(bundle.model, bundle.vocab, features, split, settings,
+                                                        metrics, limit, train)
+    return result
