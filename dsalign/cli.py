@@ -146,9 +146,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--n-train", type=positive, default=2000, help="training scenes (default 2000)")
     demo.add_argument("--n-val", type=positive, default=200, help="validation scenes (default 200)")
     demo.add_argument("--n-test", type=positive, default=200, help="test scenes (default 200)")
-    demo.add_argument("--steps", type=positive, default=300, help="alignment training steps (default 300)")
-    demo.add_argument("--caption-steps", type=positive, default=300,
-                      help="training steps of each generator, full-image and region (default 300)")
+    demo.add_argument("--steps", type=positive, default=600, help="alignment training steps (default 600)")
+    demo.add_argument("--caption-steps", type=positive, default=400,
+                      help="training steps of each generator, full-image and region (default 400)")
     demo.add_argument("--report-images", type=positive, default=8, help="test images in the report (default 8)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=non_negative, default=0, help="data loader workers (default 0)")
