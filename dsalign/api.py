@@ -16,8 +16,9 @@ message.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dsalign.bundle import ALIGNMENT_FORMAT, Bundle, BundleError, load_bundles
-from dsalign.eval.generation import DecodeSettings
+from dsalign.eval.generation import DecodeSettings, describe_vectors
 from dsalign.features.extract import FeatureConfig, FeatureExtractor, RegionFeatures
 from dsalign.features.regions import GivenRegions
-from dsalign.models.decode import beam_search
 from dsalign.ops.score import score_matrix
 from dsalign.ops.viterbi import snippets, viterbi
 from dsalign.snippet_align import WHOLE_IMAGE_PENALTY
@@ -40,6 +40,7 @@ from dsalign.viz import to_rgb
 ImageInput = str | Path | Image.Image | np.ndarray
 Box = tuple[float, float, float, float]
 MAX_WORDS = 128
+FEATURE_CACHE = 64  # images whose region features Model keeps (about 100 KB each)
 DEFAULT_BETA = 0.5  # the MRF's bonus for staying on one region (shapes val, docs/alignment.md)
 
 
@@ -132,6 +133,7 @@ class Model:
         self.region_source = "selective-search" if source == "given" else source
         self._extractor: FeatureExtractor | None = None
         self._given: FeatureExtractor | None = None
+        self._cache: OrderedDict[tuple, RegionFeatures] = OrderedDict()
 
     def __repr__(self) -> str:
         parts = [name for name, b in (("alignment", self.alignment), ("caption", self.caption_full),
@@ -146,26 +148,43 @@ class Model:
 
     def region_features(self, images: Sequence[ImageInput],
                         boxes: Sequence[Sequence[Box]] | None = None) -> list[RegionFeatures]:
-        """Region boxes (region 0 = whole image) and CNN features per image; ``boxes`` replaces the proposals."""
+        """Region boxes (region 0 = whole image) and CNN features per image; ``boxes`` replaces the proposals.
+
+        The last ``FEATURE_CACHE`` results are kept by pixel content and boxes, so captioning, describing and
+        aligning the same image (as the report does) computes proposals and CNN features once.
+        """
         rgb = [load_image(image) for image in images]
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self._feature_config(self.region_source), self.device)
-        extractor = self._extractor
-        metas = [{} for _ in rgb]
-        if boxes is not None:
-            if self._given is None:
-                self._given = FeatureExtractor(self._feature_config("given"), self.device,
-                                               backbone=self._extractor.backbone, source=GivenRegions())
-            extractor = self._given
-            metas = [{"boxes": [list(map(float, b)) for b in image_boxes]} for image_boxes in boxes]
-        results: list[RegionFeatures] = []
-        for start in range(0, len(rgb), extractor.batch_size):
-            chunk = slice(start, start + extractor.batch_size)
-            for result in extractor.extract(rgb[chunk], metas[chunk]):
+        metas = [{} for _ in rgb] if boxes is None else \
+            [{"boxes": [list(map(float, b)) for b in image_boxes]} for image_boxes in boxes]
+        keys = [(hashlib.sha1(image.tobytes()).hexdigest(), image.size, json.dumps(meta, sort_keys=True))
+                for image, meta in zip(rgb, metas)]
+        first: dict[tuple, int] = {}  # one computation per distinct uncached image
+        for i, key in enumerate(keys):
+            if key not in self._cache:
+                first.setdefault(key, i)
+        missing = list(first.values())
+        extractor = self._feature_extractor(given=boxes is not None)
+        for start in range(0, len(missing), extractor.batch_size):
+            chunk = missing[start:start + extractor.batch_size]
+            for i, result in zip(chunk, extractor.extract([rgb[i] for i in chunk], [metas[i] for i in chunk])):
                 if not isinstance(result, RegionFeatures):
                     raise InputError(f"cannot use this image or its boxes: {result}")
-                results.append(result)
+                self._cache[keys[i]] = result
+        results = [self._cache[key] for key in keys]
+        while len(self._cache) > FEATURE_CACHE:
+            self._cache.popitem(last=False)
         return results
+
+    def _feature_extractor(self, given: bool) -> FeatureExtractor:
+        """The extractor with the bundles' region source, or one that takes the boxes it is given."""
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self._feature_config(self.region_source), self.device)
+        if not given:
+            return self._extractor
+        if self._given is None:
+            self._given = FeatureExtractor(self._feature_config("given"), self.device,
+                                           backbone=self._extractor.backbone, source=GivenRegions())
+        return self._given
 
     # ----------------------------------------------------------------------------------------- alignment
 
@@ -265,15 +284,6 @@ class Model:
 
     # ------------------------------------------------------------------------------------------ captions
 
-    def _describe(self, bundle: Bundle, vectors: torch.Tensor, settings: DecodeSettings) -> list[tuple[str, float]]:
-        out = []
-        for chunk in vectors.split(256):
-            for hyp in beam_search(bundle.model, chunk.to(self.device), settings.beam_size, settings.max_len,
-                                   settings.length_penalty):
-                words = bundle.vocab.decode(hyp.tokens)
-                out.append((" ".join(words), math.exp(hyp.log_prob / (len(hyp.tokens) + 1))))
-        return out
-
     def caption(self, images: Sequence[ImageInput] | ImageInput, beam_size: int = 7, max_len: int = 20,
                 length_penalty: float = 0.0) -> list[str]:
         """One generated sentence per image (the full-image generator, beam search)."""
@@ -281,9 +291,10 @@ class Model:
         images = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
         if not images:
             return []
-        vectors = torch.stack([f.features[0] for f in self.region_features(images)])
+        # Only region 0, the whole image, is used: no proposals are needed.
+        vectors = torch.stack([f.features[0] for f in self.region_features(images, [[] for _ in images])])
         settings = DecodeSettings(beam_size, max_len, length_penalty)
-        return [text for text, _ in self._describe(bundle, vectors, settings)]
+        return [text for text, _ in describe_vectors(bundle.model, bundle.vocab, vectors, settings)]
 
     def describe_regions(self, image: ImageInput, top_k: int | None = 10, beam_size: int = 7, max_len: int = 10,
                          boxes: Sequence[Box] | None = None) -> list[Region]:
@@ -293,7 +304,8 @@ class Model:
         features = self.region_features([image], None if boxes is None else [boxes])[0]
         if len(features.boxes) < 2:
             return []
-        described = self._describe(bundle, features.features[1:], DecodeSettings(beam_size, max_len))
+        described = describe_vectors(bundle.model, bundle.vocab, features.features[1:],
+                                     DecodeSettings(beam_size, max_len))
         regions = [Region(tuple(map(float, box)), text, score)
                    for box, (text, score) in zip(features.boxes[1:], described)]
         regions.sort(key=lambda r: -r.score)

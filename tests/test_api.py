@@ -203,3 +203,28 @@ def test_eval_command_scores_the_predictions_it_writes(model_dir, tiny_demo, tmp
     for key in ("BLEU-1", "BLEU-4", "CIDEr"):
         assert result["captions"][key] == pytest.approx(direct[key])
     assert len(training_captions(features)) == 600  # 120 training scenes x 5
+
+
+def test_region_features_are_computed_once_per_image(model, scene, monkeypatch):
+    import torch
+
+    from dsalign.features.extract import FeatureExtractor
+
+    image = scene[0].rotate(90)  # pixels no earlier test used
+    calls: list[int] = []
+    extract = FeatureExtractor.extract
+
+    def counting(self, images, *args, **kwargs):
+        calls.append(len(images))
+        return extract(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureExtractor, "extract", counting)
+    model.describe_regions(image, beam_size=2)
+    model.align(image, "a red star")
+    model.rank_sentences(image, ["a red star", "a blue circle"])
+    assert calls == [1]
+    whole_only = model.region_features([image], [[]])[0]
+    assert len(whole_only.boxes) == 1 and calls == [1, 1]
+    # caption() reads only region 0, which does not depend on the proposals
+    torch.testing.assert_close(whole_only.features[0], model.region_features([image])[0].features[0],
+                               rtol=1e-4, atol=1e-4)

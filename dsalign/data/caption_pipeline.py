@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dsalign.data.feature_pipeline import FeatureSampleDecoder, decode_feature_rows
-from dsalign.data.pipeline import RawSample, SampleError, decode_captions, decode_meta, pad_captions
+from dsalign.data.pipeline import RawSample, SampleError, caption_fields, decode_meta, pad_captions
 from dsalign.text import Vocabulary
 
 
@@ -51,13 +51,12 @@ class SnippetDecoder:
         tokens = meta.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise SampleError("bad_metadata", "snippet without a token list")
-        ids, raws = decode_captions({"captions": [{"tokens": tokens, "raw": " ".join(tokens)}]}, self.vocab,
-                                    self.max_len)
+        sample = caption_fields(key, {**meta, "captions": [{"tokens": tokens, "raw": " ".join(tokens)}]},
+                                self.vocab, self.max_len)
         rows = decode_feature_rows(raw, self.feature_dim)
         if rows.shape[0] != 1:
             raise SampleError("bad_features", f"a snippet has one region vector, got {rows.shape[0]}")
-        return {"key": key, "image_id": str(meta.get("image_id", key)), "feature": torch.from_numpy(rows[0].copy()),
-                "captions": ids, "raw_captions": raws}
+        return {**sample, "feature": torch.from_numpy(rows[0].copy())}
 
 
 def collate_sentences(samples: list[dict]) -> dict:

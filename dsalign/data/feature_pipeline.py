@@ -22,8 +22,8 @@ from dsalign.data.manifest import load_manifest
 from dsalign.data.pipeline import (
     RawSample,
     SampleError,
+    caption_fields,
     decode_boxes,
-    decode_captions,
     decode_meta,
     pad_boxes,
     pad_captions,
@@ -93,7 +93,7 @@ class FeatureSampleDecoder:
 
     def __call__(self, key: str, raw: RawSample) -> dict:
         meta = decode_meta(raw)
-        ids, raws = decode_captions(meta, self.vocab, self.max_len)
+        sample = caption_fields(key, meta, self.vocab, self.max_len)
         features = decode_feature_rows(raw, self.feature_dim)
         region_boxes = meta.get("region_boxes")
         if not isinstance(region_boxes, list) or len(region_boxes) != features.shape[0]:
@@ -102,14 +102,7 @@ class FeatureSampleDecoder:
         if len(boxes) != features.shape[0]:  # e.g. a flat list of R numbers read as R/4 boxes
             raise SampleError("bad_features", f"{len(boxes)} region boxes for {features.shape[0]} feature rows")
         regions = torch.from_numpy(features.astype(np.float16 if self.keep_fp16 else np.float32, copy=True))
-        return {
-            "key": key,
-            "image_id": str(meta.get("image_id", key)),
-            "regions": regions,
-            "boxes": boxes,
-            "captions": ids,
-            "raw_captions": raws,
-        }
+        return {**sample, "regions": regions, "boxes": boxes}
 
 
 def collate_features(samples: list[dict]) -> dict:

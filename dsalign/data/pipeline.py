@@ -105,6 +105,12 @@ def decode_captions(meta: dict, vocab: Vocabulary, max_len: int | None) -> tuple
     return ids, raws
 
 
+def caption_fields(key: str, meta: dict, vocab: Vocabulary, max_len: int | None) -> dict:
+    """What every sample decoder returns: ``key``, ``image_id``, ``captions`` (token ids) and ``raw_captions``."""
+    ids, raws = decode_captions(meta, vocab, max_len)
+    return {"key": key, "image_id": str(meta.get("image_id", key)), "captions": ids, "raw_captions": raws}
+
+
 def decode_boxes(meta: dict) -> np.ndarray:
     """Boxes as float32 [K, 4], normalised and clipped to [0, 1]; SampleError when malformed."""
     boxes = meta.get("boxes")
@@ -131,7 +137,7 @@ class ImageSampleDecoder:
 
     def __call__(self, key: str, raw: RawSample) -> dict:
         meta = decode_meta(raw)
-        ids, raws = decode_captions(meta, self.vocab, self.max_len)
+        sample = caption_fields(key, meta, self.vocab, self.max_len)
         member = image_member(raw)
         if member is None:
             raise SampleError("missing_image")
@@ -139,14 +145,7 @@ class ImageSampleDecoder:
             image = np.asarray(decode_rgb(member[1]))
         except ValueError as exc:
             raise SampleError("bad_image", str(exc)) from exc
-        return {
-            "key": key,
-            "image_id": str(meta.get("image_id", key)),
-            "image": image,
-            "captions": ids,
-            "raw_captions": raws,
-            "boxes": decode_boxes(meta),
-        }
+        return {**sample, "image": image, "boxes": decode_boxes(meta)}
 
 
 def pad_captions(samples: Sequence[dict]) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ phrases word for word, plus the caption metrics against them.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,15 +41,16 @@ class DecodeSettings:
 
 @torch.no_grad()
 def describe_vectors(generator: CaptionGenerator, vocab: Vocabulary, vectors: torch.Tensor,
-                     settings: DecodeSettings, batch_size: int = 256) -> list[str]:
-    """One sentence per CNN vector [N, F], decoded ``batch_size`` vectors at a time on the generator's device."""
+                     settings: DecodeSettings, batch_size: int = 256) -> list[tuple[str, float]]:
+    """(sentence, per-word probability) per CNN vector [N, F], decoded ``batch_size`` vectors at a time on the
+    generator's device. The probability is the geometric mean over the words and END, in [0, 1]."""
     device = next(generator.parameters()).device
-    sentences: list[str] = []
+    described: list[tuple[str, float]] = []
     for chunk in vectors.split(batch_size):
         for hyp in beam_search(generator, chunk.to(device, torch.float32), settings.beam_size, settings.max_len,
                                settings.length_penalty):
-            sentences.append(" ".join(vocab.decode(hyp.tokens)))
-    return sentences
+            described.append((" ".join(vocab.decode(hyp.tokens)), math.exp(hyp.log_prob / (len(hyp.tokens) + 1))))
+    return described
 
 
 def _batches(features: str | Path, split: str, vocab: Vocabulary, batch_size: int, limit: int | None,
@@ -77,7 +79,7 @@ def evaluate_full_captions(generator: CaptionGenerator, vocab: Vocabulary, featu
     references: dict[str, list[str]] = {}
     skipped: Counter = Counter()
     for batch in _batches(features, split, vocab, batch_size, limit, skipped):
-        sentences = describe_vectors(generator, vocab, batch["regions"][:, 0], settings)
+        sentences = [text for text, _ in describe_vectors(generator, vocab, batch["regions"][:, 0], settings)]
         for image_id, sentence, raws in zip(batch["image_ids"], sentences, batch["raw_captions"]):
             predictions[image_id], references[image_id] = sentence, list(raws)
     if not predictions:
@@ -136,7 +138,8 @@ def evaluate_region_descriptions(generator: CaptionGenerator, vocab: Vocabulary,
     targets, unmatched = region_targets(features, split, vocab, limit, batch_size=batch_size)
     if not targets:
         raise ValueError(f"split {split!r} of {features} has no ground-truth mention spans to compare with")
-    sentences = describe_vectors(generator, vocab, torch.stack([t.feature for t in targets]), settings)
+    vectors = torch.stack([t.feature for t in targets])
+    sentences = [text for text, _ in describe_vectors(generator, vocab, vectors, settings)]
     ids = [f"{t.image_id}#{t.box}" for t in targets]
     predictions = dict(zip(ids, sentences))
     result = score_captions(predictions, {i: t.references for i, t in zip(ids, targets)}, metrics)

@@ -117,11 +117,9 @@ class CaptionGenerator(nn.Module):
         """Teacher-forced logits for inputs [N, T] (START first) given vectors [N, F]: [N, T, V], or with
         ``lengths`` (real steps per row) only the real steps, packed as :func:`packed_order` orders them
         [sum(lengths), V]. Packing skips the padding: training cost follows the real words, not N x T."""
+        packed = lengths is not None
         if lengths is None:
             lengths = torch.full((inputs.shape[0],), inputs.shape[1], dtype=torch.long, device=inputs.device)
-            packed = False
-        else:
-            packed = True
         order, active = packed_order(lengths)
         inputs, features = inputs[order], features[order]
         context = self.image_context(features)

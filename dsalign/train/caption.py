@@ -55,9 +55,8 @@ def word_counts(vocab: Vocabulary, sentences: int, snippet_folder: str | Path | 
                 counts[vocab.stoi[word]] = count
     else:
         tally: Counter = Counter()
-        manifest = load_manifest(snippet_folder)
-        for rel in manifest["splits"][split]["shards"]:
-            for _, members in iter_tar_samples(Path(snippet_folder) / rel):
+        for url in shard_paths(snippet_folder, split):
+            for _, members in iter_tar_samples(url):
                 tally.update(vocab.encode(json.loads(members["json"]).get("tokens", [])))
         for index, count in tally.items():
             counts[index] = count
