@@ -143,8 +143,7 @@ class Model:
     # ------------------------------------------------------------------------------------------ features
 
     def _feature_config(self, regions: str) -> FeatureConfig:
-        known = set(FeatureConfig.__dataclass_fields__)
-        return FeatureConfig(**{**{k: v for k, v in self.feature_settings.items() if k in known}, "regions": regions})
+        return FeatureConfig.from_fingerprint(self.feature_settings, regions=regions)
 
     def region_features(self, images: Sequence[ImageInput],
                         boxes: Sequence[Sequence[Box]] | None = None) -> list[RegionFeatures]:

@@ -105,12 +105,26 @@ class _PairDecoder:
         sample["caption_tokens"] = [[str(t) for t in captions[i]["tokens"]] for i in kept]
         sample["caption_spans"] = [[tuple(int(x) for x in s) for s in captions[i].get("spans") or []] for i in kept]
         sample["gt_boxes"] = [[float(x) for x in box] for box in meta.get("boxes") or []]
+        sample["gt_objects"] = _object_attributes(meta)
         return sample
+
+
+OBJECT_ATTRIBUTES = ("shape", "colour", "size", "texture")
+
+
+def _object_attributes(meta: dict) -> list[dict[str, str]]:
+    """The boxes' attributes where the data set records all of them (shapes: ``extra.objects``), else []."""
+    extra = meta.get("extra")
+    objects = extra.get("objects") if isinstance(extra, dict) else None
+    if not isinstance(objects, list) or not all(isinstance(o, dict) and all(a in o for a in OBJECT_ATTRIBUTES)
+                                                for o in objects):
+        return []
+    return [{a: str(o[a]) for a in OBJECT_ATTRIBUTES} for o in objects]
 
 
 def _collate(samples: list[dict]) -> dict:
     batch = collate_features(samples)
-    for name in ("caption_index", "caption_tokens", "caption_spans", "gt_boxes"):
+    for name in ("caption_index", "caption_tokens", "caption_spans", "gt_boxes", "gt_objects"):
         batch[name] = [s[name] for s in samples]
     return batch
 
@@ -212,6 +226,8 @@ class AlignmentCounts:
 
     mentions: int = 0
     correct: int = 0
+    words: int = 0  # words inside mentions
+    words_correct: int = 0  # ... whose own region is their mention's box
     pred_cuts: int = 0
     true_cuts: int = 0
     matched_cuts: int = 0
@@ -222,6 +238,8 @@ class AlignmentCounts:
         for start, end, region in spans:
             self.mentions += 1
             self.correct += int(region >= 0 and majority_region(labels, start, end) == region)
+            self.words += end - start
+            self.words_correct += sum(region >= 0 and label == region for label in labels[start:end])
         pred = [j for j in range(1, n) if labels[j] != labels[j - 1]]
         truth = _cuts(n, spans)
         self.pred_cuts += len(pred)
@@ -233,6 +251,7 @@ class AlignmentCounts:
         recall = self.matched_cuts / self.true_cuts if self.true_cuts else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         return {"mentions": self.mentions, "accuracy": self.correct / self.mentions if self.mentions else 0.0,
+                "word_accuracy": self.words_correct / self.words if self.words else 0.0,
                 "boundary_precision": precision, "boundary_recall": recall, "boundary_f1": f1}
 
 
@@ -321,12 +340,6 @@ def sweep_beta(model: Embedder, vocab: Vocabulary, features: str | Path, betas: 
 # ------------------------------------------------------------------------------------------ the stage
 
 
-
-
-
-
-
-
 def _snippet_members(record: SnippetRecord, feature: torch.Tensor) -> dict[str, bytes]:
     buffer = io.BytesIO()
     np.save(buffer, feature.to(torch.float16).numpy(), allow_pickle=False)
@@ -358,8 +371,6 @@ def align_shard(model: Embedder, vocab: Vocabulary, url: str, out_path: Path, be
     stats["skipped"] = dict(skipped)
     shard.commit(stats)
     return stats
-
-
 
 
 def align_folder(model: Embedder, vocab: Vocabulary, features: str | Path, out: str | Path, beta: float,

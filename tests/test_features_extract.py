@@ -108,6 +108,33 @@ def test_proposal_threads_give_identical_shards(tmp_path, images_dir, extractor)
     assert outputs[0] == outputs[1] and len(outputs[0]) == 4
 
 
+def test_box_geometry_appends_each_regions_box(tmp_path, images_dir, extractor):
+    config = FeatureConfig(regions="given", image_size=SIZE, box_geometry=True)
+    with_boxes = FeatureExtractor(config, batch_size=3, backbone=extractor.backbone)
+    assert with_boxes.feature_dim == extractor.feature_dim + 4
+    assert "box_geometry" in with_boxes.settings() and "box_geometry" not in extractor.settings()
+    manifest = _run(images_dir, tmp_path / "geometry", with_boxes)
+    plain = _run(images_dir, tmp_path / "plain", extractor)
+    assert manifest["feature_dim"] == plain["feature_dim"] + 4
+    batches, _ = _read_split(tmp_path / "geometry", "train")
+    reference, _ = _read_split(tmp_path / "plain", "train")
+    for batch, base in zip(batches, reference):
+        mask = batch["region_mask"]
+        assert torch.equal(batch["regions"][..., :-4], base["regions"])
+        assert torch.allclose(batch["regions"][..., -4:][mask], batch["boxes"][mask], atol=1e-3)  # fp16 storage
+        assert (batch["boxes"][mask][:, 2:] - batch["boxes"][mask][:, :2]).min() > 0
+
+
+def test_a_recorded_fingerprint_gives_back_its_config():
+    for config in (FeatureConfig(), FeatureConfig(proposal_mode="fast", proposal_side=96),
+                   FeatureConfig(regions="given", pooling="crop", crop_size=96, box_geometry=True)):
+        assert FeatureConfig.from_fingerprint(config.fingerprint()) == config
+    # Features made before --proposal-mode existed were made in fast mode; their bundles must still get it.
+    old = {"regions": "selective-search", "proposal_side": 96, "feature_dim": 1280}
+    assert FeatureConfig.from_fingerprint(old).proposal_mode == "fast"
+    assert FeatureConfig.from_fingerprint(old, regions="grid").regions == "grid"
+
+
 def test_a_killed_run_resumes_without_recomputing_finished_shards(tmp_path, images_dir, extractor, monkeypatch):
     reference = _run(images_dir, tmp_path / "reference", extractor)
     out = tmp_path / "features"

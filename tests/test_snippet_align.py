@@ -137,7 +137,7 @@ def test_beta_zero_gives_word_snippets_and_large_beta_one_region(features: Path)
 def test_shapes_metrics_through_the_stage(features: Path) -> None:
     model = LookupModel(_vocab())
     exact = evaluate_shapes_alignment(model, _vocab(), features, beta=0.0, split="train")
-    assert exact == {"beta": 0.0, "mentions": 24, "accuracy": 1.0, "boundary_precision": 1.0,
+    assert exact == {"beta": 0.0, "mentions": 24, "accuracy": 1.0, "word_accuracy": 1.0, "boundary_precision": 1.0,
                      "boundary_recall": 1.0, "boundary_f1": 1.0}
     rows = sweep_beta(model, _vocab(), features, [0.0, 100.0], split="train", limit=1)
     assert [r["mentions"] for r in rows] == [4, 4]  # one image, two real captions, two mentions each
@@ -154,6 +154,7 @@ def test_alignment_counts_on_hand_made_cases() -> None:
     counts.add([0, 0, 1, 1], [(1, 4, 1), (0, 1, -1)])  # cut one word late; the second mention has no region
     summary = counts.summary()
     assert summary["mentions"] == 2 and summary["accuracy"] == 0.5
+    assert summary["word_accuracy"] == 2 / 4  # words 2 and 3 of the first mention; none of the second
     assert summary["boundary_precision"] == 0.0 and summary["boundary_recall"] == 0.0
     late = AlignmentCounts()
     late.add([0, 0, 1, 1], [(1, 4, 1)], tolerance=1)

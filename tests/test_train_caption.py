@@ -55,7 +55,8 @@ def test_snippet_batches_and_word_counts(tiny_demo):
     vocab = Vocabulary.load(out / "features" / "vocab.json")
     manifest = json.loads((out / "snippets" / "manifest.json").read_text())
     n_snippets = manifest["splits"]["train"]["snippets"]
-    stream = ShardStream(shard_paths(out / "snippets", "train"), SnippetDecoder(vocab, feature_dim=1280),
+    stream = ShardStream(shard_paths(out / "snippets", "train"),
+                         SnippetDecoder(vocab, feature_dim=manifest["feature_dim"]),
                          collate_sentences, 64, mode="eval")
     assert sum(len(b["tokens"]) for b in stream if "tokens" in b) == n_snippets
     counts = word_counts(vocab, n_snippets, out / "snippets")

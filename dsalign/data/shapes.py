@@ -60,6 +60,11 @@ _TEXTURE_ADJ = {"striped": ("striped",), "dotted": ("dotted", "spotted")}
 _TEXTURE_POST = {"striped": ("with stripes",), "dotted": ("with dots", "covered in dots")}
 # Object side as a fraction of the image side: the two ranges are far apart so size words are visible.
 _SIZE_RANGE = {"small": (0.13, 0.17), "large": (0.28, 0.34)}
+# How often a full mention names each optional attribute (the colour is always named when another object has
+# the same shape); public because the retrieval ceiling (dsalign/eval/shapes_ceiling.py) reads them.
+P_NAME_SIZE = 0.35
+P_NAME_TEXTURE = 0.45
+P_NAME_COLOUR = 0.85
 
 # Background tints are >= 95 RGB units from every object colour; gradient and noise move them <= 26.
 BACKGROUND_TINTS: dict[str, tuple[int, int, int]] = {
@@ -68,7 +73,7 @@ BACKGROUND_TINTS: dict[str, tuple[int, int, int]] = {
     "brown": (140, 110, 85),
     "sage": (150, 165, 135),
 }
-_STYLE_WORDS = {"flat": ("plain", "flat"), "gradient": ("shaded", "gradient"), "noisy": ("noisy", "grainy")}
+STYLE_WORDS = {"flat": ("plain", "flat"), "gradient": ("shaded", "gradient"), "noisy": ("noisy", "grainy")}
 _GRADIENT_AMPLITUDE = 18
 _NOISE_AMPLITUDE = 8
 
@@ -101,7 +106,7 @@ _LIST_PREFIXES = (  # "" twice: no lead-in is the most common form
     "this image shows",
     "here is",
 )
-_NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 _CAPTIONS_PER_IMAGE = 5
 
 Box = Sequence[float]
@@ -188,7 +193,7 @@ def _make_record(split: str, seed: int, image_size: int, index: int) -> ImageRec
     rng = _image_rng(seed, split, index)
     objects, squares = _layout(rng, image_size)
     tint = rng.choice(sorted(BACKGROUND_TINTS))
-    style = rng.choice(sorted(_STYLE_WORDS))
+    style = rng.choice(sorted(STYLE_WORDS))
     image, boxes = _render(rng, objects, squares, tint, style, image_size)
     captions, relations = _captions(rng, objects, boxes, tint, style)
     return ImageRecord(
@@ -392,14 +397,14 @@ def _noun_phrase(
         return f"{colour} {noun}" if shape_shared else noun
     adjectives: list[str] = []
     post = ""
-    if rng.random() < 0.35:
+    if rng.random() < P_NAME_SIZE:
         adjectives.append(rng.choice(SIZE_WORDS[obj["size"]]))
-    if obj["texture"] != "plain" and rng.random() < 0.45:
+    if obj["texture"] != "plain" and rng.random() < P_NAME_TEXTURE:
         if rng.random() < 0.65:
             adjectives.append(rng.choice(_TEXTURE_ADJ[obj["texture"]]))
         else:
             post = rng.choice(_TEXTURE_POST[obj["texture"]])
-    if shape_shared or rng.random() < 0.85:
+    if shape_shared or rng.random() < P_NAME_COLOUR:
         adjectives.append(colour)
     if rng.random() < 0.3:
         rng.shuffle(adjectives)
@@ -437,10 +442,20 @@ def _join_list(rng: random.Random, mentions: Sequence[list[Piece]]) -> list[Piec
 def _background_phrase(rng: random.Random, tint: str, style: str) -> list[Piece]:
     """ "on a gray background", "on a noisy background", "on a shaded beige background"."""
     kind = rng.random()
-    words = [rng.choice(_STYLE_WORDS[style])] if kind < 0.6 else []
+    words = [rng.choice(STYLE_WORDS[style])] if kind < 0.6 else []
     if kind > 0.35:
         words.append(tint)
     return [("on a " + " ".join(words) + " background", None)]
+
+
+def template_weights(n_objects: int, n_triples: int) -> dict[str, float]:
+    """Relative odds of each sentence template for a scene with this many objects and true relation triples."""
+    weights = {"list": 3.0, "count": 1.5}
+    if n_triples:
+        weights.update(relation=2.0, front=2.0, with_it=2.0)
+    if n_triples >= 2 and n_objects >= 3:
+        weights["compound"] = 2.0
+    return weights
 
 
 def _sentence(
@@ -452,10 +467,8 @@ def _sentence(
 ) -> tuple[list[Piece], list[tuple[int, str, int]]]:
     """One sentence as pieces plus the relations it asserts; the template is drawn per sentence."""
     n = len(objects)
-    templates = ["list", "count"] + (["relation", "front", "with_it"] if triples else [])
-    if len(triples) >= 2 and n >= 3:
-        templates.append("compound")
-    template = rng.choices(templates, weights=[{"list": 3, "count": 1.5}.get(t, 2) for t in templates])[0]
+    weights = template_weights(n, len(triples))
+    template = rng.choices(list(weights), weights=list(weights.values()))[0]
     relations: list[tuple[int, str, int]] = []
     if template == "list":
         prefix = rng.choice(_LIST_PREFIXES)
@@ -469,7 +482,7 @@ def _sentence(
             prefix = rng.choice(("just", "only", "a single shape:", "one shape:", "one object:"))
         else:
             noun = rng.choice(("shapes", "objects"))
-            prefix = rng.choice((f"{_NUMBERS[n]} {noun}:", f"there are {_NUMBERS[n]} {noun}:"))
+            prefix = rng.choice((f"{NUMBER_WORDS[n]} {noun}:", f"there are {NUMBER_WORDS[n]} {noun}:"))
         pieces = [(prefix, None), *mentions]
     else:
         a, relation, b = rng.choice(triples)

@@ -7,7 +7,8 @@ the paper's novelty statistic.
 Region descriptions: for data with ground-truth mention spans (the shapes data; any feature folder whose captions
 carry ``spans``), every box mentioned in some caption is described from its region vector and compared with the
 phrases the captions use for it: ``exact_match`` is the share of boxes whose description is one of those
-phrases word for word, plus the caption metrics against them.
+phrases word for word, plus the caption metrics against them. Where the boxes carry attributes (shapes),
+``attribute_match`` is the share described correctly in any wording (shape and colour named, nothing wrong).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class RegionTarget:
     region: int
     feature: torch.Tensor
     references: list[str]
+    attributes: dict[str, str] | None = None  # the box's shape, colour, size, texture where the data has them
 
 
 def region_targets(features: str | Path, split: str, vocab: Vocabulary, limit: int | None = None,
@@ -123,8 +125,9 @@ def region_targets(features: str | Path, split: str, vocab: Vocabulary, limit: i
                 if region < 0:
                     unmatched += 1
                     continue
+                objects = batch["gt_objects"][b]
                 targets.append(RegionTarget(image_id, box, region, batch["regions"][b, region].float(),
-                                            sorted(refs)))
+                                            sorted(refs), objects[box] if box < len(objects) else None))
     return targets, unmatched
 
 
@@ -146,4 +149,16 @@ def evaluate_region_descriptions(generator: CaptionGenerator, vocab: Vocabulary,
     hits = sum(sentence in t.references for sentence, t in zip(sentences, targets))
     result.update(exact_match=hits / len(targets), regions=len(targets), unmatched_boxes=unmatched,
                   predictions=predictions)
+    if all(t.attributes for t in targets):
+        result["attribute_match"] = attribute_match(sentences, [t.attributes for t in targets])
     return result
+
+
+def attribute_match(sentences: Sequence[str], objects: Sequence[dict[str, str]]) -> float:
+    """Share of descriptions that name the object's shape and colour and no attribute it lacks, in any
+    order and wording (shapes: "large dotted ring" for a large dotted ring is right even if no caption said
+    it that way; the word-for-word ``exact_match`` is capped by the captions' random wording, see
+    :mod:`dsalign.eval.shapes_ceiling`)."""
+    from dsalign.data.shapes import phrase_matches
+
+    return sum(phrase_matches(s, o, require=("shape", "colour")) for s, o in zip(sentences, objects)) / len(objects)

@@ -41,11 +41,19 @@ from dsalign.data.pipeline import SampleError, decode_meta, dist_info, iter_shar
 from dsalign.data.shard_output import STATS_SUFFIX, TMP_PREFIX, AtomicShard, finished_stats
 from dsalign.data.shards import ShardWriter, image_member
 from dsalign.features.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
-from dsalign.features.regions import DETECTORS, Proposals, RegionSource, make_region_source, select_regions
+from dsalign.features.regions import (
+    DETECTORS,
+    PROPOSAL_MODES,
+    Proposals,
+    RegionSource,
+    make_region_source,
+    select_regions,
+)
 
 FEATURES_KIND = "features"
 FEATURE_SAMPLE_FORMAT = "dsalign-features/1"
 POOLINGS = ("roi", "crop")
+BOX_GEOMETRY_DIMS = 4
 REGION_ORDER = "region 0 = whole image, then proposals by descending score (given: the data's order)"
 
 
@@ -62,17 +70,31 @@ class FeatureConfig:
     crop_size: int = 112
     min_side: float = 0.05
     nms_iou: float = 0.5
-    proposal_side: int = 96
+    proposal_side: int = 64
+    proposal_mode: str = PROPOSAL_MODES[0]
     detector: str = DETECTORS[0]
     detector_weights: str | None = None
     detector_size: int | None = None
     detector_score: float = 0.05
+    box_geometry: bool = False  # append each region's box (x0, y0, x1, y1) to its feature, see FeatureExtractor
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.proposal_mode not in PROPOSAL_MODES:
+            raise ValueError(f"proposal_mode must be one of {PROPOSAL_MODES}, got {self.proposal_mode!r}")
         if self.top_k < 0 or self.image_size < 32 or self.crop_size < 32:
             raise ValueError("top_k must be >= 0 and image/crop sizes >= 32 pixels")
+
+    @classmethod
+    def from_fingerprint(cls, settings: dict, **overrides) -> FeatureConfig:
+        """The config a recorded fingerprint stands for (unknown keys ignored). Options the fingerprint leaves
+        out take their value from before the option existed (``proposal_mode`` "fast"), not today's default,
+        so a bundle trained on older features computes the same proposals at inference."""
+        known = {k: v for k, v in settings.items() if k in cls.__dataclass_fields__}
+        if known.get("regions", cls.regions) == "selective-search":
+            known.setdefault("proposal_mode", "fast")
+        return cls(**{**known, **overrides})
 
     def fingerprint(self) -> dict:
         """The settings recorded in the manifest and every shard's stats (weights by file name only, so a
@@ -85,8 +107,12 @@ class FeatureConfig:
                 settings.pop(key)
         if self.regions != "selective-search":
             settings.pop("proposal_side")
+        if self.regions != "selective-search" or self.proposal_mode == "fast":  # "fast" was the only mode before
+            settings.pop("proposal_mode")  # the option existed, so folders made then still resume
         if self.pooling != "crop":
             settings.pop("crop_size")
+        if not self.box_geometry:  # folders made before the option existed still resume
+            settings.pop("box_geometry")
         return settings
 
 
@@ -189,7 +215,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.backbone = backbone or load_backbone(config.backbone, config.backbone_weights, device)
         self.source = source or make_region_source(
-            config.regions, config.top_k, proposal_side=config.proposal_side,
+            config.regions, config.top_k, proposal_side=config.proposal_side, proposal_mode=config.proposal_mode,
             detector_weights=config.detector_weights, detector=config.detector,
             detector_size=config.detector_size, detector_score=config.detector_score, device=device)
         self.featurizer = RegionFeaturizer(self.backbone, config.image_size, config.pooling, config.crop_size)
@@ -197,7 +223,7 @@ class FeatureExtractor:
 
     @property
     def feature_dim(self) -> int:
-        return self.backbone.feature_dim
+        return self.backbone.feature_dim + (BOX_GEOMETRY_DIMS if self.config.box_geometry else 0)
 
     def settings(self) -> dict:
         return {**self.config.fingerprint(), "feature_dim": self.feature_dim}
@@ -219,6 +245,10 @@ class FeatureExtractor:
         inputs = torch.stack([tensors[i] if tensors is not None else self.featurizer.to_input(images[i])
                               for i in good])
         for i, b, f in zip(good, boxes, self.featurizer(inputs, boxes)):
+            if self.config.box_geometry:
+                # A crop resized to the CNN's input forgets how big the region was and where; size and
+                # position words ("small", "big", "left") need it, so the box itself joins the feature.
+                f = torch.cat([f, torch.from_numpy(np.asarray(b, dtype=np.float32).reshape(-1, 4))], dim=1)
             results[i] = RegionFeatures(b, f)
         return results
 

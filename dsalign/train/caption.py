@@ -4,8 +4,9 @@
 region-snippet pairs that ``dsalign align`` inferred. The loss is the mean cross-entropy per target word (END
 included); with N ranks each rank contributes its mean / N. The output bias starts at the log word
 frequencies of the training sentences. Validation decodes the val split (beam search) and keeps the best model
-by CIDEr (full) or by exact phrase match (region; needs ground-truth mention spans in the val split, else there
-is no validation and the final model is exported).
+by CIDEr (full) or by region description accuracy (region: ``attribute_match`` where boxes carry attributes,
+else ``exact_match``; needs ground-truth mention spans in the val split, else there is no validation and the
+final model is exported).
 """
 
 from __future__ import annotations
@@ -100,12 +101,15 @@ def caption_task(ctx: RunContext) -> TrainTask:
 
     settings = DecodeSettings(config.decode.beam_size, config.decode.max_len, config.decode.length_penalty)
     evaluate, select_key = None, ""
-    if d.level == "region" and d.val_split and t.eval_every > 0 and ctx.rank == 0 \
-            and not region_targets(d.features, d.val_split, vocab, limit=50)[0]:
+    validates = bool(d.val_split) and t.eval_every > 0 and ctx.rank == 0
+    probe = region_targets(d.features, d.val_split, vocab, limit=50)[0] if validates and d.level == "region" else []
+    if validates and d.level == "region" and not probe:
         ctx.log.message(f"caption: val split {d.val_split!r} has no ground-truth mention spans: no validation, "
                         "the final model is exported")
-    elif d.val_split and t.eval_every > 0 and ctx.rank == 0:
-        select_key = "CIDEr" if d.level == "full" else "exact_match"
+    elif validates:
+        # region level: correctness in any wording where the boxes carry attributes (shapes), else word for word
+        select_key = "CIDEr" if d.level == "full" else \
+            "attribute_match" if all(target.attributes for target in probe) else "exact_match"
 
         def evaluate(module: torch.nn.Module, step: int) -> dict:
             run = evaluate_full_captions if d.level == "full" else evaluate_region_descriptions
@@ -120,5 +124,5 @@ def caption_task(ctx: RunContext) -> TrainTask:
 
 
 def describe_caption_metrics(m: dict) -> str:
-    keys = [k for k in ("exact_match", "BLEU-1", "BLEU-4", "CIDEr") if k in m]
+    keys = [k for k in ("attribute_match", "exact_match", "BLEU-1", "BLEU-4", "CIDEr") if k in m]
     return ", ".join(f"{k} {100 * m[k]:.1f}" for k in keys)

@@ -1,0 +1,202 @@
+"""What a perfect reader of the shapes captions could reach: ceilings for retrieval and region phrases.
+
+The shapes grammar lets a sentence name a random subset of the objects with a random subset of their
+attributes, so many test images fit the same sentence ("a red star" fits every scene with a red star). An
+oracle that knows the grammar exactly ranks images by the sentence's likelihood under it; its recall is the
+best any model can expect on that split, and the targets of docs/alignment.md are read against it.
+
+- ``consistent``: can the grammar produce this sentence for this scene (objects, attributes, the colour rule,
+  counts, relations, background)? Hard constraints only.
+- ``likelihood``: the grammar's odds of the sentence's template, object choice and attribute choices for a
+  scene (up to factors that do not depend on the scene); ranking by it approximates the Bayes-optimal ranker.
+- Region phrases: a box's references are the phrases its own five captions used, drawn at random per caption,
+  so even the phrase most often used for that kind of object (learned from the train split) is often absent.
+
+    python -m dsalign.eval.shapes_ceiling --train 2000 --test 200 --seed 0 [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from dsalign.data.records import Caption, ImageRecord
+from dsalign.data.shapes import (
+    BACKGROUND_TINTS,
+    NUMBER_WORDS,
+    P_NAME_COLOUR,
+    P_NAME_TEXTURE,
+    RELATIONS,
+    STYLE_WORDS,
+    canonical_phrase,
+    generate_shapes,
+    phrase_attributes,
+    phrase_matches,
+    relation_holds,
+    template_weights,
+)
+
+_STYLE_OF = {w: style for style, words in STYLE_WORDS.items() for w in words}
+_COUNT_OF = {w: n for n, w in NUMBER_WORDS.items()}
+_SINGLE_PREFIXES = (["just"], ["only"], ["a", "single", "shape"], ["one", "shape"], ["one", "object"])
+Relation = Sequence  # [a, relation, b] as stored in a record's extra["relations"]
+
+
+def stated_count(tokens: Sequence[str]) -> int | None:
+    """The object count a "count" sentence states ("three shapes: ...", "just ..."), else None."""
+    for word, following in zip(tokens, tokens[1:]):
+        if word in _COUNT_OF and following in ("shapes", "objects"):
+            return _COUNT_OF[word]
+    if any(list(tokens[: len(p)]) == p for p in _SINGLE_PREFIXES):
+        return 1
+    return None
+
+
+def background_fits(tokens: Sequence[str], background: dict) -> bool:
+    """Whether the "on a [style] [tint] background" words (if any) describe this background."""
+    if "background" not in tokens:
+        return True
+    end = list(tokens).index("background")
+    for word in tokens[max(0, end - 2):end]:
+        if word in BACKGROUND_TINTS and word != background["tint"]:
+            return False
+        if word in _STYLE_OF and _STYLE_OF[word] != background["style"]:
+            return False
+    return True
+
+
+def _mentions(caption: Caption) -> dict[int, list[list[str]]]:
+    phrases: dict[int, list[list[str]]] = defaultdict(list)
+    for start, end, box in caption.spans or []:
+        phrases[box].append(caption.tokens[start:end])
+    return dict(phrases)
+
+
+def _mention_odds(phrase: Sequence[str], obj: dict, objects: Sequence[dict]) -> float:
+    """Odds of a full mention naming (or not) the colour and texture it names; 0 when the grammar forbids it."""
+    named = phrase_attributes(phrase)
+    shared = sum(o["shape"] == obj["shape"] for o in objects) > 1
+    p_colour = 1.0 if shared else P_NAME_COLOUR  # the colour is always named when the shape is shared
+    odds = p_colour if "colour" in named else 1 - p_colour
+    if obj["texture"] != "plain":
+        odds *= P_NAME_TEXTURE if "texture" in named else 1 - P_NAME_TEXTURE
+    return odds
+
+
+def _triples(record: ImageRecord) -> int:
+    boxes = record.boxes or []
+    return sum(relation_holds(r, boxes[a], boxes[b]) for a in range(len(boxes)) for b in range(len(boxes))
+               if a != b for r in RELATIONS)
+
+
+def likelihood(caption: Caption, relations: Sequence[Relation], record: ImageRecord) -> float:
+    """The grammar's odds of producing this sentence for this scene (0 = impossible), up to a constant."""
+    objects, boxes = record.extra["objects"], record.boxes or []
+    count = stated_count(caption.tokens)
+    if count is not None and count != len(objects):
+        return 0.0
+    if not background_fits(caption.tokens, record.extra["background"]):
+        return 0.0
+    mentions = _mentions(caption)
+    boxes_named = sorted(mentions)
+    best = 0.0
+    for chosen in itertools.permutations(range(len(objects)), len(boxes_named)):
+        where = dict(zip(boxes_named, chosen))
+        if not all(phrase_matches(p, objects[where[b]], require=()) for b in boxes_named for p in mentions[b]):
+            continue
+        if not all(a in where and b in where and relation_holds(r, boxes[where[a]], boxes[where[b]])
+                   for a, r, b in relations):
+            continue
+        odds = math.prod(_mention_odds(mentions[b][0], objects[where[b]], objects) for b in boxes_named)
+        best = max(best, odds)
+    if best == 0.0:
+        return 0.0
+    n_triples = _triples(record)
+    weights = template_weights(len(objects), n_triples)
+    if count is not None:
+        template, choice = "count", 1.0
+    elif relations:
+        template, choice = "relation", n_triples ** -len(relations)
+    else:  # a list of a random subset: its size, then which objects
+        template, choice = "list", 1.0 / (len(objects) * math.comb(len(objects), len(boxes_named)))
+    if template not in weights:
+        return 0.0
+    return best * choice * weights[template] / sum(weights.values())
+
+
+def _hit(scores: Sequence[float], truth: Sequence[bool]) -> float:
+    """Chance that the top-scored candidate is a true one, ties broken at random."""
+    top = max(scores)
+    tied = [t for s, t in zip(scores, truth) if s == top]
+    return sum(tied) / len(tied)
+
+
+def retrieval_ceiling(records: Sequence[ImageRecord]) -> dict[str, float]:
+    """R@1 (percent) of the grammar oracle in both directions, and of a reader that only checks consistency
+    (ranks every consistent candidate equally)."""
+    sentences = [(i, c, rel) for i, r in enumerate(records)
+                 for c, rel in zip(r.captions, r.extra["relations"])]
+    odds = [[likelihood(c, rel, r) for r in records] for _, c, rel in sentences]  # [sentence][image]
+    owner = [i for i, _, _ in sentences]
+    t2i = [_hit(row, [j == i for j in range(len(records))]) for i, row in zip(owner, odds)]
+    t2i_flat = [_hit([float(x > 0) for x in row], [j == i for j in range(len(records))])
+                for i, row in zip(owner, odds)]
+    # image -> text: rank sentences by the posterior that this image produced them (a generic sentence is
+    # likely under many images and so rarely the best evidence for any one of them)
+    posterior = [[x / sum(row) for x in row] for row in odds]
+    i2t = [_hit([row[j] for row in posterior], [i == j for i in owner]) for j in range(len(records))]
+    return {"t2i_r1_oracle": 100 * sum(t2i) / len(t2i), "t2i_r1_consistent": 100 * sum(t2i_flat) / len(t2i_flat),
+            "i2t_r1_oracle": 100 * sum(i2t) / len(i2t), "images": len(records), "sentences": len(sentences)}
+
+
+def _box_phrases(record: ImageRecord) -> dict[int, set[str]]:
+    phrases: dict[int, set[str]] = defaultdict(set)
+    for caption in record.captions:
+        for box, words in _mentions(caption).items():
+            phrases[box].update(" ".join(w) for w in words)
+    return phrases
+
+
+def region_phrase_ceiling(train: Sequence[ImageRecord], test: Sequence[ImageRecord]) -> dict[str, float]:
+    """Exact-match rate (percent) of always saying the train split's most frequent phrase for each kind of
+    object (its full label) against each test box's own phrases."""
+    def kind(record: ImageRecord, box: int) -> str:
+        return canonical_phrase(record.extra["objects"][box])
+
+    usage: dict[str, Counter] = defaultdict(Counter)
+    for record in train:
+        for box, phrases in _box_phrases(record).items():
+            usage[kind(record, box)].update(phrases)
+    hits = total = 0
+    for record in test:
+        for box, phrases in _box_phrases(record).items():
+            total += 1
+            seen = usage.get(kind(record, box))
+            if seen:  # ties go to the alphabetically first phrase, so the number does not depend on hashing
+                hits += min(seen, key=lambda phrase: (-seen[phrase], phrase)) in phrases
+    return {"region_exact_match_oracle": 100 * hits / total, "boxes": total}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=int, default=2000, help="train images the phrase oracle learns from")
+    parser.add_argument("--test", type=int, default=200, help="test images (the demo's split size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write the numbers here as JSON")
+    args = parser.parse_args(argv)
+    test = list(generate_shapes(args.test, "test", seed=args.seed))
+    train = list(generate_shapes(args.train, "train", seed=args.seed))
+    result = {"seed": args.seed, **retrieval_ceiling(test), **region_phrase_ceiling(train, test)}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
