@@ -20,8 +20,8 @@ def _model(**overrides) -> AlignmentModel:
     return AlignmentModel(AlignmentConfig(**{**config, **overrides})).double()
 
 
-def _brnn_reference(model: AlignmentModel, words: list[int]) -> torch.Tensor:
-    """Eqs. 2-6 literally, one unpadded sentence at a time."""
+def _brnn_reference(model: AlignmentModel, words: list[int], output=F.relu) -> torch.Tensor:
+    """Eqs. 2-6 literally, one unpadded sentence at a time (``output``: f of Eq. 6)."""
     b = model.brnn
     x = [b.embedding.weight[w] for w in words]
     e = [F.relu(b.w_e.weight @ xt + b.w_e.bias) for xt in x]
@@ -33,11 +33,13 @@ def _brnn_reference(model: AlignmentModel, words: list[int]) -> torch.Tensor:
     prev = torch.zeros(h, dtype=torch.float64)
     for t in reversed(range(n)):
         prev = hb[t] = F.relu(e[t] + b.w_b.weight @ prev + b.w_b.bias)
-    return torch.stack([F.relu(b.w_d.weight @ (hf[t] + hb[t]) + b.w_d.bias) for t in range(n)])
+    return torch.stack([output(b.w_d.weight @ (hf[t] + hb[t]) + b.w_d.bias) for t in range(n)])
 
 
-def test_brnn_matches_equations_and_ignores_padding() -> None:
-    model = _model().eval()
+@pytest.mark.parametrize("word_output", ["relu", "linear"])
+def test_brnn_matches_equations_and_ignores_padding(word_output: str) -> None:
+    model = _model(word_output=word_output).eval()
+    output = F.relu if word_output == "relu" else (lambda x: x)
     sentences = [[5, 7, 9, 11, 4], [6], [8, 8, 3]]
     for pad_to in (5, 9):
         tokens = torch.zeros(len(sentences), pad_to, dtype=torch.long)
@@ -49,8 +51,14 @@ def test_brnn_matches_equations_and_ignores_padding() -> None:
         s = model.encode_sentences(tokens, mask)
         assert s.shape == (3, pad_to, 8)
         for i, words in enumerate(sentences):
-            torch.testing.assert_close(s[i, : len(words)], _brnn_reference(model, words))
+            torch.testing.assert_close(s[i, : len(words)], _brnn_reference(model, words, output))
             assert (s[i, len(words):] == 0).all()
+        assert (s.min() < 0) == (word_output == "linear")  # a linear output keeps negative components
+
+
+def test_unknown_word_output_is_rejected() -> None:
+    with pytest.raises(ValueError, match="word_output"):
+        _model(word_output="tanh")
 
 
 def test_left_padding_is_rejected() -> None:

@@ -48,6 +48,7 @@ class ModelConfig:
     dropout: float = field(default=0.2, metadata=_spec(0.0, 0.99))
     freeze_word_embeddings: bool = False
     word_vectors: str | None = None
+    word_output: str = field(default="relu", metadata=_spec(choices=("relu", "linear")))
 
 
 @dataclass
