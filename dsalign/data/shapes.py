@@ -107,6 +107,8 @@ _LIST_PREFIXES = (  # "" twice: no lead-in is the most common form
     "here is",
 )
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+COUNT_NOUNS = ("shapes", "objects")  # "three shapes: ..."
+SINGLE_OBJECT_PREFIXES = ("just", "only", "a single shape:", "one shape:", "one object:")
 _CAPTIONS_PER_IMAGE = 5
 
 Box = Sequence[float]
@@ -419,8 +421,7 @@ def _determiner(rng: random.Random, following: str, definite: bool = False) -> s
 
 
 def _mention(rng: random.Random, objects: Sequence[ShapeObject], i: int, brief: bool = False) -> list[Piece]:
-    shared = sum(o["shape"] == objects[i]["shape"] for o in objects) > 1
-    content = _noun_phrase(rng, objects[i], brief, shared)
+    content = _noun_phrase(rng, objects[i], brief, shares_shape(objects[i], objects))
     return [(_determiner(rng, content, definite=brief), None), (content, i)]
 
 
@@ -446,6 +447,18 @@ def _background_phrase(rng: random.Random, tint: str, style: str) -> list[Piece]
     if kind > 0.35:
         words.append(tint)
     return [("on a " + " ".join(words) + " background", None)]
+
+
+def shares_shape(obj: Mapping[str, str], objects: Sequence[Mapping[str, str]]) -> bool:
+    """Whether another object of the scene has this object's shape (its colour is then always named)."""
+    return sum(o["shape"] == obj["shape"] for o in objects) > 1
+
+
+def relation_triples(boxes: Sequence[Box]) -> list[tuple[int, str, int]]:
+    """Every true (a, relation, b) of a scene, in the order sentences draw from."""
+    n = len(boxes)
+    return [(a, r, b) for a in range(n) for b in range(n) if a != b for r in RELATIONS
+            if relation_holds(r, boxes[a], boxes[b])]
 
 
 def template_weights(n_objects: int, n_triples: int) -> dict[str, float]:
@@ -479,9 +492,9 @@ def _sentence(
     elif template == "count":
         mentions = _join_list(rng, [_mention(rng, objects, i) for i in rng.sample(range(n), n)])
         if n == 1:
-            prefix = rng.choice(("just", "only", "a single shape:", "one shape:", "one object:"))
+            prefix = rng.choice(SINGLE_OBJECT_PREFIXES)
         else:
-            noun = rng.choice(("shapes", "objects"))
+            noun = rng.choice(COUNT_NOUNS)
             prefix = rng.choice((f"{NUMBER_WORDS[n]} {noun}:", f"there are {NUMBER_WORDS[n]} {noun}:"))
         pieces = [(prefix, None), *mentions]
     else:
@@ -546,14 +559,7 @@ def _captions(
     rng: random.Random, objects: Sequence[ShapeObject], boxes: Sequence[Box], tint: str, style: str
 ) -> tuple[list[Caption], list[list[list]]]:
     """Five distinct captions and, per caption, the relations it asserts as [a, relation, b] lists."""
-    triples = [
-        (a, r, b)
-        for a in range(len(objects))
-        for b in range(len(objects))
-        if a != b
-        for r in RELATIONS
-        if relation_holds(r, boxes[a], boxes[b])
-    ]
+    triples = relation_triples(boxes)
     captions: list[Caption] = []
     relations: list[list[list]] = []
     for _ in range(200):

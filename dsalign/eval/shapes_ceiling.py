@@ -5,10 +5,9 @@ attributes, so many test images fit the same sentence ("a red star" fits every s
 oracle that knows the grammar exactly ranks images by the sentence's likelihood under it; its recall is the
 best any model can expect on that split, and the targets of docs/alignment.md are read against it.
 
-- ``consistent``: can the grammar produce this sentence for this scene (objects, attributes, the colour rule,
-  counts, relations, background)? Hard constraints only.
-- ``likelihood``: the grammar's odds of the sentence's template, object choice and attribute choices for a
-  scene (up to factors that do not depend on the scene); ranking by it approximates the Bayes-optimal ranker.
+- ``likelihood``: 0 when the grammar cannot produce this sentence for this scene (objects, attributes, the colour
+  rule, counts, relations, background), else the odds of its template, object choice and attribute choices (up
+  to factors that do not depend on the scene); ranking by it approximates the Bayes-optimal ranker.
 - Region phrases: a box's references are the phrases its own five captions used, drawn at random per caption,
   so even the phrase most often used for that kind of object (learned from the train split) is often absent.
 
@@ -28,29 +27,33 @@ from pathlib import Path
 from dsalign.data.records import Caption, ImageRecord
 from dsalign.data.shapes import (
     BACKGROUND_TINTS,
+    COUNT_NOUNS,
     NUMBER_WORDS,
     P_NAME_COLOUR,
     P_NAME_TEXTURE,
-    RELATIONS,
+    SINGLE_OBJECT_PREFIXES,
     STYLE_WORDS,
     canonical_phrase,
     generate_shapes,
     phrase_attributes,
     phrase_matches,
     relation_holds,
+    relation_triples,
+    shares_shape,
     template_weights,
 )
+from dsalign.text import tokenize
 
 _STYLE_OF = {w: style for style, words in STYLE_WORDS.items() for w in words}
 _COUNT_OF = {w: n for n, w in NUMBER_WORDS.items()}
-_SINGLE_PREFIXES = (["just"], ["only"], ["a", "single", "shape"], ["one", "shape"], ["one", "object"])
+_SINGLE_PREFIXES = [tokenize(prefix) for prefix in SINGLE_OBJECT_PREFIXES]
 Relation = Sequence  # [a, relation, b] as stored in a record's extra["relations"]
 
 
 def stated_count(tokens: Sequence[str]) -> int | None:
     """The object count a "count" sentence states ("three shapes: ...", "just ..."), else None."""
     for word, following in zip(tokens, tokens[1:]):
-        if word in _COUNT_OF and following in ("shapes", "objects"):
+        if word in _COUNT_OF and following in COUNT_NOUNS:
             return _COUNT_OF[word]
     if any(list(tokens[: len(p)]) == p for p in _SINGLE_PREFIXES):
         return 1
@@ -80,18 +83,11 @@ def _mentions(caption: Caption) -> dict[int, list[list[str]]]:
 def _mention_odds(phrase: Sequence[str], obj: dict, objects: Sequence[dict]) -> float:
     """Odds of a full mention naming (or not) the colour and texture it names; 0 when the grammar forbids it."""
     named = phrase_attributes(phrase)
-    shared = sum(o["shape"] == obj["shape"] for o in objects) > 1
-    p_colour = 1.0 if shared else P_NAME_COLOUR  # the colour is always named when the shape is shared
+    p_colour = 1.0 if shares_shape(obj, objects) else P_NAME_COLOUR  # always named when the shape is shared
     odds = p_colour if "colour" in named else 1 - p_colour
     if obj["texture"] != "plain":
         odds *= P_NAME_TEXTURE if "texture" in named else 1 - P_NAME_TEXTURE
     return odds
-
-
-def _triples(record: ImageRecord) -> int:
-    boxes = record.boxes or []
-    return sum(relation_holds(r, boxes[a], boxes[b]) for a in range(len(boxes)) for b in range(len(boxes))
-               if a != b for r in RELATIONS)
 
 
 def likelihood(caption: Caption, relations: Sequence[Relation], record: ImageRecord) -> float:
@@ -116,7 +112,7 @@ def likelihood(caption: Caption, relations: Sequence[Relation], record: ImageRec
         best = max(best, odds)
     if best == 0.0:
         return 0.0
-    n_triples = _triples(record)
+    n_triples = len(relation_triples(boxes))
     weights = template_weights(len(objects), n_triples)
     if count is not None:
         template, choice = "count", 1.0
