@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dsalign.cli_args import bounded, positive
+from dsalign.cli_args import bounded, non_negative, positive
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -73,6 +73,13 @@ def add_api_parsers(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--metrics", default="BLEU,METEOR,ROUGE_L,CIDEr",
                           help="caption scorers, comma-separated (default all; METEOR needs Java)")
     evaluate.add_argument("--limit", type=positive, help="captions: at most this many images")
+    evaluate.add_argument("--bank-images", type=non_negative, default=0,
+                          help="retrieval: also report it re-ranked against this many training images and their "
+                               "captions (each sentence's and each image's soft-max bank score subtracted, so "
+                               "generic sentences and hub images stop winning) as 'bank' (default 0: off)")
+    evaluate.add_argument("--bank-temperature", type=bounded(float, 1e-6),
+                          help="temperature of that correction, in score units, both directions (default: one "
+                               "per direction chosen on the val split)")
     evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
     evaluate.set_defaults(func=_run_eval)
 
@@ -175,7 +182,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     settings = DecodeSettings(args.beam_size, args.max_len, args.length_penalty)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    result = evaluate_bundles(args.bundle, args.features, args.split, settings, metrics, args.limit, args.device)
+    result = evaluate_bundles(args.bundle, args.features, args.split, settings, metrics, args.limit, args.device,
+                              bank_images=args.bank_images, bank_temperature=args.bank_temperature)
     predictions = {part: result[part].pop("predictions") for part in ("captions", "regions")
                    if result[part] and "predictions" in result[part]}
     if args.predictions:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,18 +28,52 @@ from dsalign.data.shards import iter_tar_samples, shard_paths
 from dsalign.eval.generation import DecodeSettings, evaluate_full_captions, evaluate_region_descriptions
 from dsalign.text import Vocabulary
 
+if TYPE_CHECKING:  # the trainer module pulls in DeepSpeed; imported where it runs
+    from dsalign.train.align import SplitEmbeddings
 
-def retrieval_on_split(bundle: Bundle, features: str | Path, split: str = "test", captions_per_image: int = 5,
-                       device: torch.device | str = "cpu") -> dict:
-    """R@K of an alignment bundle on a split of the feature folder."""
-    from dsalign.train.align import evaluate_retrieval
 
-    features = Path(features)
+def _feature_loader(features: Path, split: str) -> ShardLoader:
     manifest = load_feature_manifest(features)
     decoder = FeatureSampleDecoder(Vocabulary.load(features / manifest["vocab"]),
                                    feature_dim=manifest.get("feature_dim"))
-    loader = ShardLoader(ShardStream(shard_paths(features, split), decoder, collate_features, 100, mode="eval"))
-    return evaluate_retrieval(bundle.model, loader, captions_per_image, torch.device(device))
+    return ShardLoader(ShardStream(shard_paths(features, split), decoder, collate_features, 100, mode="eval"))
+
+
+def retrieval_on_split(bundle: Bundle, features: str | Path, split: str = "test", captions_per_image: int = 5,
+                       device: torch.device | str = "cpu", bank_images: int = 0, bank_split: str = "train",
+                       temperature: float | None = None, val_split: str = "val") -> dict:
+    """R@K of an alignment bundle on a split of the feature folder.
+
+    With ``bank_images`` > 0, ``bank`` also holds the metrics corrected for generic sentences and hub images
+    (:mod:`dsalign.eval.bank_norm`) with the first ``bank_images`` images of ``bank_split`` and their captions;
+    ``temperature`` None chooses one per direction on ``val_split``.
+    """
+    from dsalign.eval.bank_norm import BankScores, bank_metrics, choose_temperatures
+    from dsalign.train.align import embed_split, retrieval_metrics, split_scores
+
+    features, device = Path(features), torch.device(device)
+
+    def embedded(name: str, limit: int | None = None) -> SplitEmbeddings:
+        return embed_split(bundle.model, _feature_loader(features, name), captions_per_image, device,
+                           max_images=limit)
+
+    pairs = embedded(split)
+    result = retrieval_metrics(pairs, split_scores(pairs).cpu(), captions_per_image)
+    if bank_images <= 0:
+        return result
+    bank = embedded(bank_split, bank_images)
+
+    def bank_scores(target: SplitEmbeddings) -> BankScores:
+        return BankScores(split_scores(target).cpu(), split_scores(target, images=bank).cpu(),
+                          split_scores(bank, images=target).cpu())
+
+    if temperature is None:
+        chosen = choose_temperatures(bank_scores(embedded(val_split)), captions_per_image)
+    else:
+        chosen = {"i2t": temperature, "t2i": temperature}
+    result["bank"] = {**bank_metrics(bank_scores(pairs), chosen["i2t"], chosen["t2i"], captions_per_image),
+                      "temperatures_from": val_split if temperature is None else "given"}
+    return result
 
 
 def training_captions(features: str | Path, split: str = "train") -> list[str]:
@@ -53,8 +88,10 @@ def training_captions(features: str | Path, split: str = "train") -> list[str]:
 
 def evaluate_bundles(bundle_path: str | Path, features: str | Path, split: str = "test",
                      settings: DecodeSettings | None = None, metrics: Iterable[str] | None = None,
-                     limit: int | None = None, device: str = "cpu", novelty: bool = True) -> dict:
-    """The JSON document described in the module docstring (``predictions`` included)."""
+                     limit: int | None = None, device: str = "cpu", novelty: bool = True, bank_images: int = 0,
+                     bank_temperature: float | None = None) -> dict:
+    """The JSON document described in the module docstring (``predictions`` included); ``bank_images`` and
+    ``bank_temperature``: see :func:`retrieval_on_split`."""
     from dsalign.eval.captions import SCORERS
 
     settings = settings or DecodeSettings()
@@ -63,7 +100,8 @@ def evaluate_bundles(bundle_path: str | Path, features: str | Path, split: str =
                     "regions": None, "settings": {**vars(settings), "metrics": list(metrics), "limit": limit}}
     for bundle in load_bundles(bundle_path, device):
         if bundle.format == ALIGNMENT_FORMAT:
-            result["retrieval"] = retrieval_on_split(bundle, features, split, device=device)
+            result["retrieval"] = retrieval_on_split(bundle, features, split, device=device, bank_images=bank_images,
+                                                     temperature=bank_temperature)
         elif bundle.format == CAPTION_FORMAT and bundle.info.get("level") == "region":
             try:
                 result["regions"] = evaluate_region_descriptions(bundle.model, bundle.vocab, features, split,

@@ -15,6 +15,7 @@ def test_demo_runs_every_stage_and_reports_where_things_went(tiny_demo):
     assert (out / "alignment.png").stat().st_size > 1000 and (out / "regions.png").stat().st_size > 1000
     assert len(list((out / "examples").glob("*.png"))) == 3
     assert summary["test_retrieval"]["images"] == 20
+    assert summary["test_retrieval"]["bank"]["bank_images"] == 120  # every training scene (fewer than 1,000)
     assert 0 <= summary["test_alignment"]["accuracy"] <= 1 and summary["test_alignment"]["mentions"] > 20
     assert json.loads((out / "snippets" / "manifest.json").read_text())
     captions, regions = summary["test_captions"], summary["test_region_descriptions"]
@@ -28,5 +29,5 @@ def test_demo_writes_a_report_and_a_metrics_table(tiny_demo):
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 3 and "shapes-test-000000" in html
     table = (out / "metrics.md").read_text()
-    for metric in ("R@1", "word->object accuracy", "CIDEr", "exact phrase match"):
+    for metric in ("R@1", "bank-normalised image->text", "word->object accuracy", "CIDEr", "exact phrase match"):
         assert metric in table

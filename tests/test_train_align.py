@@ -17,7 +17,7 @@ import torch
 
 from dsalign.train.align import pick_captions
 from dsalign.train.checkpoint import CheckpointError, find_latest, load_file, read_meta
-from dsalign.train.config import ConfigError, load_config, parse_config
+from dsalign.train.config import ConfigError, TrainConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "dsalign.cli", "train", "align"]
@@ -36,6 +36,12 @@ def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     extract_features(root / "img", root / "feat", FeatureConfig(regions="grid", top_k=4, image_size=64),
                      progress=False)
     return root / "feat"
+
+
+def load_config_data(data: dict) -> TrainConfig:
+    config = parse_config(data)
+    assert isinstance(config, TrainConfig)
+    return config
 
 
 def _config(tmp_path: Path, features: Path, **train: object) -> Path:
@@ -129,6 +135,16 @@ def test_config_file_overrides_and_cli_error(tmp_path: Path, capsys: pytest.Capt
     path.write_text(json.dumps({"data": {"features": "f"}, "train": {"batch_size": 0}}))
     assert main(["train", "align", "--config", str(path)]) == 2
     assert "train.batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_hardest_negative_starts_after_its_warm_up() -> None:
+    config = load_config_data({"data": {"features": "f"}, "loss": {"hardest_negative": True,
+                                                                     "hardest_negative_after": 3}})
+    assert [config.loss.hardest_at(step) for step in range(5)] == [False, False, False, True, True]
+    plain = load_config_data({"data": {"features": "f"}, "loss": {"hardest_negative_after": 3}})
+    assert not any(plain.loss.hardest_at(step) for step in range(5))
+    with pytest.raises(ConfigError, match="loss.hardest_negative_after must be >= 0"):
+        load_config_data({"data": {"features": "f"}, "loss": {"hardest_negative_after": -1}})
 
 
 def test_pick_captions_takes_one_real_caption_per_image() -> None:

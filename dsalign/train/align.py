@@ -8,6 +8,7 @@ engine, resume, logging and checkpoints are the shared loop of :mod:`dsalign.tra
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,45 +40,83 @@ def pick_captions(tokens: torch.Tensor, token_mask: torch.Tensor, caption_mask: 
     return chosen[:, :length], mask[:, :length]
 
 
-@torch.no_grad()
-def evaluate_retrieval(model: AlignmentModel, loader: ShardLoader, captions_per_image: int,
-                       device: torch.device, backend: str | None = None, precision: str = "fp32") -> dict:
-    """R@K / median rank of a full pass over ``loader``: all images against their first
-    ``captions_per_image`` captions, scored with ``score_matrix``. Images with fewer captions are left out
-    (counted in ``skipped_images``), since recall_at_k needs a fixed number per image."""
-    from dsalign.eval.retrieval import recall_at_k
+@dataclass
+class SplitEmbeddings:
+    """Region vectors [n_images, R, h] and word vectors [n_images * c, T, h] of a split, padded, with masks;
+    sentence j belongs to image j // c."""
 
+    regions: torch.Tensor
+    region_mask: torch.Tensor
+    words: torch.Tensor | None
+    word_mask: torch.Tensor | None
+    skipped_images: int
+
+
+@torch.no_grad()
+def embed_split(model: AlignmentModel, loader: ShardLoader, captions_per_image: int, device: torch.device,
+                precision: str = "fp32", max_images: int | None = None, sentences: bool = True) -> SplitEmbeddings:
+    """One pass over ``loader``: every image with at least ``captions_per_image`` captions (the others are
+    counted in ``skipped_images``, since recall_at_k needs a fixed number per image) and, with ``sentences``,
+    its first ``captions_per_image`` captions; stops after ``max_images`` images."""
     was_training = model.training
     model.eval()
     images: list[tuple[torch.Tensor, torch.Tensor]] = []
-    sentences: list[tuple[torch.Tensor, torch.Tensor]] = []
-    skipped = 0
+    words: list[tuple[torch.Tensor, torch.Tensor]] = []
+    skipped = taken = 0
     c = captions_per_image
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for batch in loader:
         keep = batch["caption_mask"].sum(1) >= c
-        skipped += int((~keep).sum())
-        if not keep.any():
-            continue
-        region_mask = batch["region_mask"][keep].to(device)
-        tokens = batch["tokens"][keep][:, :c].flatten(0, 1).to(device)
-        token_mask = batch["token_mask"][keep][:, :c].flatten(0, 1).to(device)
-        with autocast:
-            v = model.encode_images(batch["regions"][keep].to(device), region_mask)
-            s = model.encode_sentences(tokens, token_mask)
-        images.append((v.float(), region_mask))
-        sentences.append((s.float(), token_mask))
-    if not images:
-        raise ValueError("the validation split has no image with enough captions")
-    v, vm = _pad_cat(images)
-    s, sm = _pad_cat(sentences)
-    sims = score_matrix(v, vm, s, sm, backend)
-    metrics = recall_at_k(sims.cpu(), captions_per_image=c)
+        if max_images is not None:
+            keep &= keep.cumsum(0) <= max_images - taken
+        skipped += int((batch["caption_mask"].sum(1) < c).sum())
+        taken += int(keep.sum())
+        if keep.any():
+            region_mask = batch["region_mask"][keep].to(device)
+            with autocast:
+                v = model.encode_images(batch["regions"][keep].to(device), region_mask)
+            images.append((v.float(), region_mask))
+            if sentences:
+                tokens = batch["tokens"][keep][:, :c].flatten(0, 1).to(device)
+                token_mask = batch["token_mask"][keep][:, :c].flatten(0, 1).to(device)
+                with autocast:
+                    s = model.encode_sentences(tokens, token_mask)
+                words.append((s.float(), token_mask))
+        if max_images is not None and taken >= max_images:
+            break
     model.train(was_training)
-    result = {k: float(val) for k, val in metrics.items()}
+    if not images:
+        raise ValueError("the split has no image with enough captions")
+    v, vm = _pad_cat(images)
+    s, sm = _pad_cat(words) if sentences else (None, None)
+    return SplitEmbeddings(v, vm, s, sm, skipped)
+
+
+def split_scores(embedded: SplitEmbeddings, backend: str | None = None,
+                 images: SplitEmbeddings | None = None) -> torch.Tensor:
+    """The score matrix [n_images, n_sentences] of ``embedded``'s sentences against its own images, or against
+    the images of ``images`` (e.g. a bank of training images)."""
+    pictures = images or embedded
+    assert embedded.words is not None and embedded.word_mask is not None
+    return score_matrix(pictures.regions, pictures.region_mask, embedded.words, embedded.word_mask, backend)
+
+
+def evaluate_retrieval(model: AlignmentModel, loader: ShardLoader, captions_per_image: int,
+                       device: torch.device, backend: str | None = None, precision: str = "fp32") -> dict:
+    """R@K / median rank of a full pass over ``loader``: all images against their first
+    ``captions_per_image`` captions, scored with ``score_matrix`` (see :func:`embed_split`)."""
+    embedded = embed_split(model, loader, captions_per_image, device, precision)
+    return retrieval_metrics(embedded, split_scores(embedded, backend).cpu(), captions_per_image)
+
+
+def retrieval_metrics(embedded: SplitEmbeddings, sims: torch.Tensor, captions_per_image: int) -> dict:
+    """recall_at_k of a split's score matrix as floats, plus ``rsum``, ``images`` and ``skipped_images``."""
+    from dsalign.eval.retrieval import recall_at_k
+
+    result = {k: float(val) for k, val in recall_at_k(sims, captions_per_image=captions_per_image).items()}
     result["rsum"] = sum(result[k] for k in RECALL_KEYS)
-    result["images"] = float(v.shape[0])
-    result["skipped_images"] = float(skipped)
+    result["images"] = float(embedded.regions.shape[0])
+    result["skipped_images"] = float(embedded.skipped_images)
     return result
 
 
@@ -124,11 +163,13 @@ def alignment_task(ctx: RunContext) -> TrainTask:
     device = ctx.device
     scale = 1.0 / (t.batch_size * ctx.world_size) if config.loss.reduction == "mean" else 1.0
 
-    def batch_loss(engine: torch.nn.Module, batch: dict) -> torch.Tensor:
+    loss = config.loss
+
+    def batch_loss(engine: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
         tokens, token_mask = pick_captions(batch["tokens"], batch["token_mask"], batch["caption_mask"])
         region_mask, token_mask = batch["region_mask"].to(device), token_mask.to(device)
         v, s = engine(batch["regions"].to(device), region_mask, tokens.to(device), token_mask)
-        return alignment_loss(v, region_mask, s, token_mask, config.loss.margin, config.loss.hardest_negative,
+        return alignment_loss(v, region_mask, s, token_mask, loss.margin, loss.hardest_at(step),
                               t.score_backend) * scale
 
     evaluate = None

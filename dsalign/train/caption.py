@@ -94,7 +94,7 @@ def caption_task(ctx: RunContext) -> TrainTask:
     loader = ShardLoader(stream, num_workers=d.num_workers)
     device, world_size = ctx.device, ctx.world_size
 
-    def batch_loss(engine: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def batch_loss(engine: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
         total, n = teacher_forced_loss(engine, batch["features"].to(device), batch["tokens"].to(device),
                                        batch["token_mask"].to(device))
         return total / max(n, 1) / world_size

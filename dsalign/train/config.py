@@ -53,10 +53,19 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Eq. 9: margin (paper: 1), sum over negatives or the hardest one (VSE++), sum or mean over pairs."""
+    """Eq. 9: margin (paper: 1), sum over negatives or the hardest one (VSE++), sum or mean over pairs.
+
+    hardest_negative_after: with hardest_negative, the number of first steps that still sum over all negatives
+    (a warm-up: the hardest-negative loss from random weights can collapse every word vector to zero).
+    """
 
     margin: float = field(default=1.0, metadata=_spec(0.0))
     hardest_negative: bool = False
+    hardest_negative_after: int = field(default=0, metadata=_spec(0))
+
+    def hardest_at(self, step: int) -> bool:
+        """Whether the loss after ``step`` optimizer steps takes the hardest negative only."""
+        return self.hardest_negative and step >= self.hardest_negative_after
     reduction: str = field(default="sum", metadata=_spec(choices=("sum", "mean")))
 
 

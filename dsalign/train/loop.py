@@ -57,8 +57,9 @@ class RunContext:
 class TrainTask:
     """What a model contributes to :func:`fit`.
 
-    ``batch_loss(module, batch)`` returns this rank's loss such that the sum over ranks is the global loss
-    (DeepSpeed averages gradients, so the loop backpropagates it times the world size). ``evaluate(module, step)``
+    ``batch_loss(module, batch, step)`` returns this rank's loss such that the sum over ranks is the global loss
+    (DeepSpeed averages gradients, so the loop backpropagates it times the world size); ``step`` is the number
+    of optimizer steps already taken, for losses that change over training. ``evaluate(module, step)``
     runs on rank 0 only and returns metrics that include ``select_key`` (higher is better; the best model so far
     is exported as a bundle to ``<out_dir>/best``, with ``features`` and ``info`` recorded in it).
     """
@@ -68,7 +69,7 @@ class TrainTask:
     vocab: Vocabulary
     stream: ShardStream
     loader: ShardLoader
-    batch_loss: Callable[[torch.nn.Module, dict], torch.Tensor]
+    batch_loss: Callable[[torch.nn.Module, dict, int], torch.Tensor]
     features: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     evaluate: Callable[[torch.nn.Module, int], dict] | None = None
@@ -170,7 +171,7 @@ def _run(config: RunConfig, task: TrainTask, latest: Path | None, export_dir: st
             next(batches)
         for batch in batches:
             torch.manual_seed(step_seed(t.seed, step, rank))
-            local = task.batch_loss(engine, batch)
+            local = task.batch_loss(engine, batch, step)
             # DeepSpeed averages gradients over ranks; the local losses sum to the global loss.
             engine.backward(local * world_size)
             engine.step()
