@@ -61,6 +61,27 @@ def test_unknown_word_output_is_rejected() -> None:
         _model(word_output="tanh")
 
 
+def test_cosine_similarity_scores_unit_vectors() -> None:
+    from dsalign.ops.score import score
+
+    dot, cosine = _model(), _model(similarity="cosine")  # same seed: same weights
+    regions = torch.randn(2, 3, 12, dtype=torch.float64)
+    region_mask = torch.tensor([[True, True, False], [True, True, True]])
+    tokens = torch.tensor([[4, 5, 6], [7, 8, 0]])
+    token_mask = torch.tensor([[True, True, True], [True, True, False]])
+    v, s = cosine.encode_images(regions, region_mask), cosine.encode_sentences(tokens, token_mask)
+    torch.testing.assert_close(v, F.normalize(dot.encode_images(regions, region_mask), dim=-1)
+                               * region_mask[..., None])
+    assert torch.allclose(s[token_mask].norm(dim=-1), torch.ones(5, dtype=torch.float64))
+    assert (v[0, 2] == 0).all() and (s[1, 2] == 0).all()
+    # Eq. 8 on cosines, by hand for image 1 / sentence 0
+    cos = F.cosine_similarity(v[1][:, None], s[0][None], dim=-1)  # [R, T]
+    S = score(v, region_mask, s, token_mask)
+    assert float(S[1, 0].detach()) == pytest.approx(float(cos.max(0).values.sum().detach()))
+    with pytest.raises(ValueError, match="similarity"):
+        _model(similarity="l2")
+
+
 def test_left_padding_is_rejected() -> None:
     model = _model()
     with pytest.raises(ValueError, match="right-padded"):

@@ -21,6 +21,9 @@ from dsalign.text import Vocabulary
 # Eq. 6 ends in a ReLU; with it, many words' vectors are exactly zero and can never align (on Flickr8k 72% of
 # the words after training), so "linear" is offered too.
 WORD_OUTPUTS = ("relu", "linear")
+# "dot": v_i . s_t as in Eq. 8; "cosine": both vectors scaled to unit length first, so every word adds a term in
+# [-1, 1] and no word or region wins by its norm (faster and better on Flickr8k, docs/results.md).
+SIMILARITIES = ("dot", "cosine")
 
 
 @dataclass
@@ -39,11 +42,14 @@ class AlignmentConfig(JsonConfig):
     dropout: float = 0.2
     freeze_word_embeddings: bool = False
     word_output: str = "relu"  # s_t = f(W_d(...)): "relu" as Eq. 6, or "linear"
+    similarity: str = "dot"  # word-region term of Eq. 8: "dot" (the paper) or "cosine"
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("vocab_size", "feature_dim", "embed_dim", "word_dim", "hidden_dim"))
         if self.word_output not in WORD_OUTPUTS:
             raise ValueError(f"model.word_output must be one of {WORD_OUTPUTS}, got {self.word_output!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"model.similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -108,7 +114,11 @@ class SentenceBRNN(nn.Module):
 
 
 class AlignmentModel(nn.Module):
-    """Region projection v = W_m CNN + b_m (Eq. 1) and the sentence BRNN, both into the h-dim space."""
+    """Region projection v = W_m CNN + b_m (Eq. 1) and the sentence BRNN, both into the h-dim space.
+
+    With ``similarity="cosine"`` both encoders return unit vectors, so every consumer of v and s (the score op,
+    retrieval, the MRF, the API) computes cosine terms without knowing it.
+    """
 
     def __init__(self, config: AlignmentConfig):
         super().__init__()
@@ -116,15 +126,21 @@ class AlignmentModel(nn.Module):
         self.region_proj = nn.Linear(config.feature_dim, config.embed_dim)  # W_m, b_m
         self.region_dropout = nn.Dropout(config.dropout)
         self.brnn = SentenceBRNN(config)
+        self.unit_vectors = config.similarity == "cosine"
+
+    def _finish(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.unit_vectors:
+            x = F.normalize(x, dim=-1)
+        return x * mask[:, :, None].to(x.dtype)
 
     def encode_images(self, regions: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
         """Region vectors v [B, R, h] (zero at padded regions) from CNN features [B, R, F]."""
-        v = self.region_proj(self.region_dropout(regions.to(self.region_proj.weight.dtype)))
-        return v * region_mask[:, :, None].to(v.dtype)
+        return self._finish(self.region_proj(self.region_dropout(regions.to(self.region_proj.weight.dtype))),
+                            region_mask)
 
     def encode_sentences(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Word vectors s [B, T, h] (zero at padded words) from token ids [B, T]."""
-        return self.brnn(tokens, token_mask)
+        return self._finish(self.brnn(tokens, token_mask), token_mask)
 
     def forward(self, regions: torch.Tensor, region_mask: torch.Tensor, tokens: torch.Tensor,
                 token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

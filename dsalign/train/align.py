@@ -147,7 +147,8 @@ def alignment_task(ctx: RunContext) -> TrainTask:
     m = config.model
     model_config = AlignmentConfig(vocab_size=len(vocab), feature_dim=feature_dim, embed_dim=m.embed_dim,
                                    word_dim=m.word_dim, hidden_dim=m.hidden_dim, dropout=m.dropout,
-                                   freeze_word_embeddings=m.freeze_word_embeddings, word_output=m.word_output)
+                                   freeze_word_embeddings=m.freeze_word_embeddings, word_output=m.word_output,
+                                   similarity=m.similarity)
     model = AlignmentModel(model_config)
     if m.word_vectors and not ctx.resuming:
         coverage = init_word_embeddings(model, m.word_vectors, vocab)

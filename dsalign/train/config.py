@@ -49,6 +49,7 @@ class ModelConfig:
     freeze_word_embeddings: bool = False
     word_vectors: str | None = None
     word_output: str = field(default="relu", metadata=_spec(choices=("relu", "linear")))
+    similarity: str = field(default="dot", metadata=_spec(choices=("dot", "cosine")))
 
 
 @dataclass
