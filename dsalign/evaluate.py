@@ -58,20 +58,22 @@ def retrieval_on_split(bundle: Bundle, features: str | Path, split: str = "test"
                            max_images=limit)
 
     pairs = embedded(split)
-    result = retrieval_metrics(pairs, split_scores(pairs).cpu(), captions_per_image)
+    sims = split_scores(pairs).cpu()
+    result = retrieval_metrics(pairs, sims, captions_per_image)
     if bank_images <= 0:
         return result
     bank = embedded(bank_split, bank_images)
 
-    def bank_scores(target: SplitEmbeddings) -> BankScores:
-        return BankScores(split_scores(target).cpu(), split_scores(target, images=bank).cpu(),
+    def bank_scores(target: SplitEmbeddings, target_sims: torch.Tensor) -> BankScores:
+        return BankScores(target_sims, split_scores(target, images=bank).cpu(),
                           split_scores(bank, images=target).cpu())
 
     if temperature is None:
-        chosen = choose_temperatures(bank_scores(embedded(val_split)), captions_per_image)
+        val = embedded(val_split)
+        chosen = choose_temperatures(bank_scores(val, split_scores(val).cpu()), captions_per_image)
     else:
         chosen = {"i2t": temperature, "t2i": temperature}
-    result["bank"] = {**bank_metrics(bank_scores(pairs), chosen["i2t"], chosen["t2i"], captions_per_image),
+    result["bank"] = {**bank_metrics(bank_scores(pairs, sims), chosen["i2t"], chosen["t2i"], captions_per_image),
                       "temperatures_from": val_split if temperature is None else "given"}
     return result
 

@@ -47,17 +47,17 @@ class SplitEmbeddings:
 
     regions: torch.Tensor
     region_mask: torch.Tensor
-    words: torch.Tensor | None
-    word_mask: torch.Tensor | None
+    words: torch.Tensor
+    word_mask: torch.Tensor
     skipped_images: int
 
 
 @torch.no_grad()
 def embed_split(model: AlignmentModel, loader: ShardLoader, captions_per_image: int, device: torch.device,
-                precision: str = "fp32", max_images: int | None = None, sentences: bool = True) -> SplitEmbeddings:
+                precision: str = "fp32", max_images: int | None = None) -> SplitEmbeddings:
     """One pass over ``loader``: every image with at least ``captions_per_image`` captions (the others are
-    counted in ``skipped_images``, since recall_at_k needs a fixed number per image) and, with ``sentences``,
-    its first ``captions_per_image`` captions; stops after ``max_images`` images."""
+    counted in ``skipped_images``, since recall_at_k needs a fixed number per image) and its first
+    ``captions_per_image`` captions; stops after ``max_images`` images."""
     was_training = model.training
     model.eval()
     images: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -66,29 +66,26 @@ def embed_split(model: AlignmentModel, loader: ShardLoader, captions_per_image: 
     c = captions_per_image
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for batch in loader:
-        keep = batch["caption_mask"].sum(1) >= c
-        if max_images is not None:
-            keep &= keep.cumsum(0) <= max_images - taken
-        skipped += int((batch["caption_mask"].sum(1) < c).sum())
+        enough = batch["caption_mask"].sum(1) >= c
+        skipped += int((~enough).sum())
+        keep = enough if max_images is None else enough & (enough.cumsum(0) <= max_images - taken)
         taken += int(keep.sum())
         if keep.any():
             region_mask = batch["region_mask"][keep].to(device)
+            tokens = batch["tokens"][keep][:, :c].flatten(0, 1).to(device)
+            token_mask = batch["token_mask"][keep][:, :c].flatten(0, 1).to(device)
             with autocast:
                 v = model.encode_images(batch["regions"][keep].to(device), region_mask)
+                s = model.encode_sentences(tokens, token_mask)
             images.append((v.float(), region_mask))
-            if sentences:
-                tokens = batch["tokens"][keep][:, :c].flatten(0, 1).to(device)
-                token_mask = batch["token_mask"][keep][:, :c].flatten(0, 1).to(device)
-                with autocast:
-                    s = model.encode_sentences(tokens, token_mask)
-                words.append((s.float(), token_mask))
+            words.append((s.float(), token_mask))
         if max_images is not None and taken >= max_images:
             break
     model.train(was_training)
     if not images:
         raise ValueError("the split has no image with enough captions")
     v, vm = _pad_cat(images)
-    s, sm = _pad_cat(words) if sentences else (None, None)
+    s, sm = _pad_cat(words)
     return SplitEmbeddings(v, vm, s, sm, skipped)
 
 
@@ -97,7 +94,6 @@ def split_scores(embedded: SplitEmbeddings, backend: str | None = None,
     """The score matrix [n_images, n_sentences] of ``embedded``'s sentences against its own images, or against
     the images of ``images`` (e.g. a bank of training images)."""
     pictures = images or embedded
-    assert embedded.words is not None and embedded.word_mask is not None
     return score_matrix(pictures.regions, pictures.region_mask, embedded.words, embedded.word_mask, backend)
 
 

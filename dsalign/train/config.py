@@ -63,11 +63,11 @@ class LossConfig:
     margin: float = field(default=1.0, metadata=_spec(0.0))
     hardest_negative: bool = False
     hardest_negative_after: int = field(default=0, metadata=_spec(0))
+    reduction: str = field(default="sum", metadata=_spec(choices=("sum", "mean")))
 
     def hardest_at(self, step: int) -> bool:
         """Whether the loss after ``step`` optimizer steps takes the hardest negative only."""
         return self.hardest_negative and step >= self.hardest_negative_after
-    reduction: str = field(default="sum", metadata=_spec(choices=("sum", "mean")))
 
 
 @dataclass
