@@ -147,6 +147,23 @@ def test_hardest_negative_starts_after_its_warm_up() -> None:
         load_config_data({"data": {"features": "f"}, "loss": {"hardest_negative_after": -1}})
 
 
+def test_learning_rate_schedules() -> None:
+    def lrs(optim: dict, steps: int = 10) -> list[float]:
+        config = load_config_data({"data": {"features": "f"}, "optim": {"lr": 1.0, **optim}})
+        return [round(config.optim.lr_at(step, steps), 6) for step in range(steps)]
+
+    assert lrs({}) == [1.0] * 10
+    assert lrs({"warmup_steps": 4}) == [0.25, 0.5, 0.75] + [1.0] * 7
+    assert lrs({"schedule": "step", "decay_every": 4, "decay_factor": 0.5}) == [1.0] * 4 + [0.5] * 4 + [0.25] * 2
+    cosine = lrs({"schedule": "cosine", "warmup_steps": 2, "decay_factor": 0.1}, steps=12)
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[7] == 0.55  # halfway down: (1 + 0.1) / 2
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:])) and cosine[-1] > 0.1
+    with pytest.raises(ConfigError, match="optim.decay_factor must be in"):
+        lrs({"decay_factor": 2.0})
+    with pytest.raises(ConfigError, match="optim.schedule must be one of"):
+        lrs({"schedule": "linear"})
+
+
 def test_pick_captions_takes_one_real_caption_per_image() -> None:
     tokens = torch.tensor([[[5, 6, 0], [7, 0, 0]], [[8, 9, 10], [0, 0, 0]]])
     token_mask = tokens > 0
@@ -263,3 +280,26 @@ def test_zero2_resume_matches_an_uninterrupted_run(tmp_path: Path, features: Pat
     for key in whole:
         if isinstance(whole[key], torch.Tensor):
             assert torch.equal(whole[key], parts[key]), key
+
+
+def test_learning_rate_schedule_reaches_the_optimizer_under_zero2(tmp_path: Path, features: Path) -> None:
+    """A step schedule that drops the rate to 0 after 4 steps freezes the weights from then on (ZeRO 2 wraps
+    the optimizer), and the log records the rate each step used."""
+    import torch.distributed as dist
+
+    from dsalign.train.align import train_alignment
+
+    path = _config(tmp_path, features, max_steps=8, eval_every=0, keep_checkpoints=5)
+    config = load_config(path, ["distributed.zero_stage=2", "optim.schedule=\"step\"", "optim.decay_every=4",
+                                "optim.decay_factor=0", "optim.warmup_steps=2"])
+    try:
+        train_alignment(config, echo=lambda _: None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    weights = {step: load_file(tmp_path / "run" / "checkpoints" / f"step_{step:09d}", "model.pt")
+               for step in (2, 4, 8)}
+    assert all(torch.equal(weights[4][k], weights[8][k]) for k in weights[4])
+    assert not all(torch.equal(weights[2][k], weights[4][k]) for k in weights[2])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "train"] == [0.0015, 0.003, 0.003, 0.003, 0, 0, 0, 0]

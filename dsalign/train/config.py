@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ class OptimConfig:
 
     grad_clip_norm is DeepSpeed's global-norm clip (0 = off); the paper clipped elementwise at 5. momentum is
     used by sgd and rmsprop.
+
+    The learning rate is a function of the step alone (so ``--resume`` continues it exactly): a linear warm-up
+    over ``warmup_steps``, then ``schedule`` constant; step (times ``decay_factor`` every ``decay_every``
+    steps); or cosine (a half cosine from ``lr`` down to ``lr * decay_factor`` at ``train.max_steps``).
     """
 
     name: str = field(default="adam", metadata=_spec(choices=("adam", "adamw", "sgd", "rmsprop")))
@@ -83,6 +88,21 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata=_spec(0.0))
     momentum: float = field(default=0.9, metadata=_spec(0.0, 1.0))
     grad_clip_norm: float = field(default=5.0, metadata=_spec(0.0))
+    schedule: str = field(default="constant", metadata=_spec(choices=("constant", "step", "cosine")))
+    warmup_steps: int = field(default=0, metadata=_spec(0))
+    decay_every: int = field(default=1000, metadata=_spec(1))
+    decay_factor: float = field(default=0.1, metadata=_spec(0.0, 1.0))
+
+    def lr_at(self, step: int, max_steps: int) -> float:
+        """The learning rate of the optimizer step that follows ``step`` steps already taken."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "step":
+            return self.lr * self.decay_factor ** (step // self.decay_every)
+        if self.schedule == "cosine":
+            progress = min(1.0, (step - self.warmup_steps) / max(1, max_steps - self.warmup_steps))
+            return self.lr * (self.decay_factor + (1 - self.decay_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.lr
 
 
 @dataclass

@@ -34,6 +34,7 @@ from dsalign.train.runtime import (
     init_distributed,
     resolve_device,
     resolve_precision,
+    set_learning_rate,
     step_seed,
 )
 
@@ -171,6 +172,7 @@ def _run(config: RunConfig, task: TrainTask, latest: Path | None, export_dir: st
             next(batches)
         for batch in batches:
             torch.manual_seed(step_seed(t.seed, step, rank))
+            lr = set_learning_rate(engine, config.optim.lr_at(step, t.max_steps))
             local = task.batch_loss(engine, batch, step)
             # DeepSpeed averages gradients over ranks; the local losses sum to the global loss.
             engine.backward(local * world_size)
@@ -186,7 +188,7 @@ def _run(config: RunConfig, task: TrainTask, latest: Path | None, export_dir: st
             if step % t.log_every == 0 or step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * global_batch / max(elapsed, 1e-9)
-                values = {"loss": window_loss / window_steps, "samples_per_s": rate, "epoch": float(epoch)}
+                values = {"loss": window_loss / window_steps, "samples_per_s": rate, "epoch": float(epoch), "lr": lr}
                 log.scalars(step, "train", values)
                 log.message(f"step {step} epoch {epoch} loss {values['loss']:.4f} {rate:.1f} samples/s")
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0

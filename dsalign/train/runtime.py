@@ -147,6 +147,13 @@ def base_optimizer(engine: object) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def set_learning_rate(engine: object, lr: float) -> float:
+    """Sets ``lr`` on every parameter group (ZeRO's wrapper shares the torch optimizer's groups); returns it."""
+    for group in base_optimizer(engine).param_groups:
+        group["lr"] = lr
+    return lr
+
+
 class RunLogger:
     """Console + TensorBoard + ``metrics.jsonl`` on rank 0; silent elsewhere."""
 
