@@ -41,7 +41,9 @@ ImageInput = str | Path | Image.Image | np.ndarray
 Box = tuple[float, float, float, float]
 MAX_WORDS = 128
 FEATURE_CACHE = 64  # images whose region features Model keeps (about 100 KB each)
-DEFAULT_BETA = 0.5  # the MRF's bonus for staying on one region (shapes val, docs/alignment.md)
+# The MRF's bonus for staying on one region is in score units, so it depends on the model's similarity: the
+# values best on shapes val (docs/alignment.md).
+DEFAULT_BETA = {"dot": 0.5, "cosine": 0.2}
 
 
 class InputError(ValueError):
@@ -258,14 +260,20 @@ class Model:
         sim = (s[0, mask[0]] @ v[0].T).cpu()
         return words[0], [tuple(map(float, b)) for b in features[0].boxes], sim
 
-    def align(self, image: ImageInput, sentence: str, beta: float = DEFAULT_BETA, whole_image: bool = True,
+    @property
+    def default_beta(self) -> float:
+        """The β :meth:`align` uses unless told: :data:`DEFAULT_BETA` for the alignment model's similarity."""
+        return DEFAULT_BETA[self._need(self.alignment, "alignment").model.config.similarity]
+
+    def align(self, image: ImageInput, sentence: str, beta: float | None = None, whole_image: bool = True,
               boxes: Sequence[Box] | None = None) -> list[Snippet]:
         """Snippets of ``sentence`` aligned to regions of ``image`` (proposals, or ``boxes``) by the chain MRF
         (Eqs. 10-12).
 
-        ``beta`` >= 0 rewards neighbouring words on the same region (0 = each word to its best region);
-        ``whole_image=False`` keeps words off region 0 when the image has other regions.
+        ``beta`` >= 0 rewards neighbouring words on the same region (0 = each word to its best region; None =
+        :attr:`default_beta`); ``whole_image=False`` keeps words off region 0 when the image has other regions.
         """
+        beta = self.default_beta if beta is None else beta
         if not beta >= 0:
             raise InputError(f"beta must be >= 0, got {beta}")
         words, boxes, sim = self.similarity(image, sentence, boxes)

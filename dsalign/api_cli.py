@@ -131,15 +131,14 @@ def _run_describe(args: argparse.Namespace) -> None:
 
 def run_image_align(args: argparse.Namespace) -> None:
     """``dsalign align IMG SENTENCE``: print the snippets, draw them (--out) and the heatmap (--heatmap)."""
-    from dsalign.api import DEFAULT_BETA, load_image
+    from dsalign.api import load_image
     from dsalign.viz import draw_alignment, draw_similarity_heatmap
 
     if len(args.inputs) != 2:
         raise ValueError("give IMG and SENTENCE (or --features FOLDER to align a whole split)")
     image, sentence = args.inputs
     model = _load(args)
-    beta = DEFAULT_BETA if args.beta is None else args.beta
-    snippets = model.align(image, sentence, beta, whole_image=not args.objects_only)
+    snippets = model.align(image, sentence, args.beta, whole_image=not args.objects_only)
     words, boxes, sim = model.similarity(image, sentence)
     for s in snippets:
         print(f"[{s.region}] {s.text}  (words {s.start}-{s.end}, score {s.score:.2f})")

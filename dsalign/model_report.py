@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from dsalign.api import DEFAULT_BETA, Box, ImageInput, Model, load_image
+from dsalign.api import Box, ImageInput, Model, load_image
 from dsalign.report import ReportEntry
 
 
@@ -21,7 +21,7 @@ class ReportItem:
 
 
 def build_entry(model: Model, item: ReportItem, beam_size: int = 7, top_k: int = 5,
-                beta: float = DEFAULT_BETA) -> ReportEntry:
+                beta: float | None = None) -> ReportEntry:
     """Everything the model's bundles can say about one image: caption, region phrases, alignments, scores."""
     image = load_image(item.image)
     caption = model.caption([image], beam_size)[0] if model.caption_full is not None else None

@@ -37,7 +37,8 @@ def add_align_parser(sub: argparse._SubParsersAction) -> None:
                      help="output folder for the snippet shards (single image: the picture, a PNG)")
     cmd.add_argument("--beta", type=bounded(float, 0.0),
                      help="bonus for consecutive words on one region: 0 = per-word argmax, large = one region "
-                          "per caption (default 0 for --features, 0.5 for a single image)")
+                          "per caption (default 0 for --features; for a single image 0.5, or 0.2 for a "
+                          "model.similarity=cosine model)")
     cmd.add_argument("--objects-only", action="store_true",
                      help="keep words off region 0 (the whole image) where an image has other regions "
                           "(default: the paper's setting, the whole image is a region like any other)")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import dsalign
-from dsalign.api import MAX_WORDS, InputError, Region, Snippet
+from dsalign.api import DEFAULT_BETA, MAX_WORDS, InputError, Region, Snippet
 from dsalign.bundle import BundleError
 from dsalign.cli import main
 
@@ -102,6 +102,9 @@ def test_align_covers_the_sentence_with_snippets(model, scene):
     assert len(one_region) == 1 and one_region[0].text == "a big red star next to a small blue circle"
     with pytest.raises(InputError, match="beta"):
         model.align(image, sentence, beta=-1)
+    # β is in score units: the demo's cosine model gets the cosine default unless told otherwise.
+    assert model.alignment.model.config.similarity == "cosine" and model.default_beta == DEFAULT_BETA["cosine"]
+    assert model.align(image, sentence, boxes=boxes) == model.align(image, sentence, beta=0.2, boxes=boxes)
 
 
 def test_odd_sentences_have_defined_results(model, scene):

@@ -9,7 +9,7 @@ import pytest
 
 from dsalign.data.records import ImageRecord
 from dsalign.data.shapes import generate_shapes
-from dsalign.eval.generation import attribute_match
+from dsalign.eval.generation import attribute_match, same_phrase
 from dsalign.eval.shapes_ceiling import (
     background_fits,
     likelihood,
@@ -88,3 +88,11 @@ def test_attribute_match_accepts_any_wording_of_the_right_attributes() -> None:
     right = ["large dotted red ring", "red donut covered in dots", "big red ring"]
     wrong = ["ring", "blue ring", "small red ring", "striped red ring"]  # no colour / wrong attribute
     assert attribute_match(right + wrong, [ring] * 7) == 3 / 7
+
+
+def test_exact_phrase_match_ignores_articles_only() -> None:
+    references = ["purple donut covered in dots", "little purple ring"]
+    assert same_phrase("a little purple ring", references) and same_phrase("the purple donut covered in dots",
+                                                                           references)
+    assert not same_phrase("purple ring", references) and not same_phrase("a little purple rings", references)
+    assert not same_phrase("one little purple ring", references)  # a numeral is not an article
