@@ -5,7 +5,8 @@ alignment bundle (for ``align``, ``rank_*``, ``embed_*``), a full-image caption 
 region caption bundle (``describe_regions``), recognised by their ``config.json``. The CNN features are
 computed from raw images with the settings recorded in the bundles, so results match training. Bundles trained
 on the data set's own boxes (``given`` regions, e.g. the shapes data) propose regions with selective search
-unless boxes are passed.
+unless boxes are passed. When the alignment bundle has a retrieval bank beside it (``dsalign eval --bank-images N
+--save-bank``; the demo's has one), ``rank_sentences`` and ``rank_images`` use bank-normalised scores.
 
 Inputs: images are paths, PIL images of any mode (L, RGBA, P, CMYK, ...) or arrays (H x W, H x W x 3/4), any
 size; they are processed in batches. Sentences are tokenised like the training captions. Defined edge cases:
@@ -33,6 +34,7 @@ from dsalign.features.extract import FeatureConfig, FeatureExtractor, RegionFeat
 from dsalign.features.regions import GivenRegions
 from dsalign.ops.score import score_matrix
 from dsalign.ops.viterbi import snippets, viterbi
+from dsalign.retrieval_bank import RetrievalBank, load_bank
 from dsalign.snippet_align import WHOLE_IMAGE_PENALTY
 from dsalign.text import tokenize
 from dsalign.viz import to_rgb
@@ -136,6 +138,8 @@ class Model:
         self._extractor: FeatureExtractor | None = None
         self._given: FeatureExtractor | None = None
         self._cache: OrderedDict[tuple, RegionFeatures] = OrderedDict()
+        # `dsalign eval --save-bank` output beside the alignment bundle, used by rank_sentences / rank_images
+        self.bank: RetrievalBank | None = load_bank(alignment) if alignment is not None else None
 
     def __repr__(self) -> str:
         parts = [name for name, b in (("alignment", self.alignment), ("caption", self.caption_full),
@@ -231,24 +235,38 @@ class Model:
         s, mask, _ = self._word_vectors(sentences)
         return [s[i, mask[i]].cpu() for i in range(len(sentences))]
 
-    def _scores(self, images: Sequence[ImageInput], sentences: Sequence[str]) -> torch.Tensor:
-        """S_kl = sum_t max_i v_i . s_t [images, sentences] (Eq. 8); 0 for a sentence without words."""
+    def _scores(self, images: Sequence[ImageInput], sentences: Sequence[str], bank: str | None = None
+                ) -> torch.Tensor:
+        """S_kl = sum_t max_i v_i . s_t [images, sentences] (Eq. 8); 0 for a sentence without words. With
+        ``bank`` "sentences" / "images" and a retrieval bank, minus that side's bank prior (the other side's
+        ranking is what the caller reads, and that prior does not change it)."""
         v, vm = self._region_vectors(self.region_features(images))
         s, sm, _ = self._word_vectors(sentences)
-        return score_matrix(v, vm, s, sm).cpu().nan_to_num(0.0)
+        scores = score_matrix(v, vm, s, sm).cpu().nan_to_num(0.0)
+        if bank == "sentences" and self.bank is not None:
+            has_words = sm.any(1).cpu()
+            scores -= torch.where(has_words, self.bank.sentence_prior(s, sm).nan_to_num(0.0), 0.0)[None, :]
+        elif bank == "images" and self.bank is not None:
+            scores -= self.bank.image_prior(self._need(self.alignment, "alignment").model, v, vm)[:, None]
+        return scores
 
-    def rank_sentences(self, image: ImageInput, sentences: Sequence[str]) -> list[tuple[int, float]]:
-        """(index into ``sentences``, image-sentence score), best first."""
+    def rank_sentences(self, image: ImageInput, sentences: Sequence[str], bank: bool = True
+                       ) -> list[tuple[int, float]]:
+        """(index into ``sentences``, score), best first. The score is S_kl, minus (when the alignment bundle
+        has a retrieval bank and ``bank`` is true) how well the sentence fits the bank's images, so a sentence
+        that fits any image ("a dog is running") stops outranking the ones written for this one."""
         if not sentences:
             return []
-        row = self._scores([image], sentences)[0]
+        row = self._scores([image], sentences, "sentences" if bank else None)[0]
         return [(int(i), float(row[i])) for i in row.argsort(descending=True, stable=True)]
 
-    def rank_images(self, sentence: str, images: Sequence[ImageInput]) -> list[tuple[int, float]]:
-        """(index into ``images``, image-sentence score), best first."""
+    def rank_images(self, sentence: str, images: Sequence[ImageInput], bank: bool = True
+                    ) -> list[tuple[int, float]]:
+        """(index into ``images``, score), best first: S_kl, minus (with a retrieval bank and ``bank``) how well
+        the image fits the bank's captions, so an image with a bit of everything stops winning every query."""
         if not images:
             return []
-        column = self._scores(images, [sentence])[:, 0]
+        column = self._scores(images, [sentence], "images" if bank else None)[:, 0]
         return [(int(i), float(column[i])) for i in column.argsort(descending=True, stable=True)]
 
     def similarity(self, image: ImageInput, sentence: str,

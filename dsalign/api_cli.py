@@ -80,6 +80,10 @@ def add_api_parsers(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--bank-temperature", type=bounded(float, 1e-6),
                           help="temperature of that correction, in score units, both directions (default: one "
                                "per direction chosen on the val split)")
+    evaluate.add_argument("--save-bank", action="store_true",
+                          help="with --bank-images: keep the bank (its region vectors and caption tokens) and the "
+                               "temperatures beside the alignment bundle (bank.json, bank.safetensors), so "
+                               "Model.rank_sentences / rank_images use the same correction")
     evaluate.add_argument("--device", default="cpu", help="torch device (default cpu)")
     evaluate.set_defaults(func=_run_eval)
 
@@ -182,7 +186,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     settings = DecodeSettings(args.beam_size, args.max_len, args.length_penalty)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = evaluate_bundles(args.bundle, args.features, args.split, settings, metrics, args.limit, args.device,
-                              bank_images=args.bank_images, bank_temperature=args.bank_temperature)
+                              bank_images=args.bank_images, bank_temperature=args.bank_temperature,
+                              save_bank=args.save_bank)
     predictions = {part: result[part].pop("predictions") for part in ("captions", "regions")
                    if result[part] and "predictions" in result[part]}
     if args.predictions:

@@ -51,6 +51,7 @@ class Bundle:
     info: dict = field(default_factory=dict)
     format: str = ALIGNMENT_FORMAT
     sha256: dict = field(default_factory=dict)  # of the weights and vocabulary files: the bundle's identity
+    path: Path | None = None  # the folder it was loaded from (where a retrieval bank may sit beside it)
 
 
 def _sha256(path: Path) -> str:
@@ -172,4 +173,5 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", expect: st
             raise BundleError(f"{root / WEIGHTS}: {name} holds non-finite values")
     model.load_state_dict(state)
     model.to(device).eval()
-    return Bundle(model, vocab, model_config, config.get("features") or {}, config.get("info") or {}, kind, hashes)
+    return Bundle(model, vocab, model_config, config.get("features") or {}, config.get("info") or {}, kind, hashes,
+                  root)

@@ -43,7 +43,8 @@ from dsalign.viz import draw_regions, picture_for
 BETA = 0.3
 WHOLE_IMAGE = False
 # Retrieval is also reported corrected for generic sentences and hub images (dsalign.eval.bank_norm) with this
-# many training scenes and their captions as the bank, temperatures chosen on val.
+# many training scenes and their captions as the bank, temperatures chosen on val; the bank is saved beside the
+# alignment bundle, so the Python API ranks the same way.
 BANK_IMAGES = 1000
 
 
@@ -143,7 +144,8 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
     timings["train_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    retrieval = retrieval_on_split(load_alignment_bundle(bundle_dir), features, bank_images=BANK_IMAGES)
+    retrieval = retrieval_on_split(load_alignment_bundle(bundle_dir), features, bank_images=BANK_IMAGES,
+                                   save_bank=True)
     timings["eval_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

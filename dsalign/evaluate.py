@@ -41,12 +41,13 @@ def _feature_loader(features: Path, split: str) -> ShardLoader:
 
 def retrieval_on_split(bundle: Bundle, features: str | Path, split: str = "test", captions_per_image: int = 5,
                        device: torch.device | str = "cpu", bank_images: int = 0, bank_split: str = "train",
-                       temperature: float | None = None, val_split: str = "val") -> dict:
+                       temperature: float | None = None, val_split: str = "val", save_bank: bool = False) -> dict:
     """R@K of an alignment bundle on a split of the feature folder.
 
     With ``bank_images`` > 0, ``bank`` also holds the metrics corrected for generic sentences and hub images
     (:mod:`dsalign.eval.bank_norm`) with the first ``bank_images`` images of ``bank_split`` and their captions;
-    ``temperature`` None chooses one per direction on ``val_split``.
+    ``temperature`` None chooses one per direction on ``val_split``. ``save_bank`` keeps that bank and the
+    temperatures beside the bundle for the Python API (:mod:`dsalign.retrieval_bank`).
     """
     from dsalign.eval.bank_norm import BankScores, bank_metrics, choose_temperatures
     from dsalign.train.align import embed_split, retrieval_metrics, split_scores
@@ -61,6 +62,8 @@ def retrieval_on_split(bundle: Bundle, features: str | Path, split: str = "test"
     sims = split_scores(pairs).cpu()
     result = retrieval_metrics(pairs, sims, captions_per_image)
     if bank_images <= 0:
+        if save_bank:
+            raise ValueError("saving a retrieval bank needs bank images (--bank-images N)")
         return result
     bank = embedded(bank_split, bank_images)
 
@@ -75,6 +78,11 @@ def retrieval_on_split(bundle: Bundle, features: str | Path, split: str = "test"
         chosen = {"i2t": temperature, "t2i": temperature}
     result["bank"] = {**bank_metrics(bank_scores(pairs, sims), chosen["i2t"], chosen["t2i"], captions_per_image),
                       "temperatures_from": val_split if temperature is None else "given"}
+    if save_bank:
+        from dsalign.retrieval_bank import save_bank as write_bank
+
+        result["bank"]["saved"] = str(write_bank(bundle, bank.regions, bank.region_mask, bank.tokens,
+                                                 bank.word_mask, chosen))
     return result
 
 
@@ -91,9 +99,9 @@ def training_captions(features: str | Path, split: str = "train") -> list[str]:
 def evaluate_bundles(bundle_path: str | Path, features: str | Path, split: str = "test",
                      settings: DecodeSettings | None = None, metrics: Iterable[str] | None = None,
                      limit: int | None = None, device: str = "cpu", novelty: bool = True, bank_images: int = 0,
-                     bank_temperature: float | None = None) -> dict:
-    """The JSON document described in the module docstring (``predictions`` included); ``bank_images`` and
-    ``bank_temperature``: see :func:`retrieval_on_split`."""
+                     bank_temperature: float | None = None, save_bank: bool = False) -> dict:
+    """The JSON document described in the module docstring (``predictions`` included); ``bank_images``,
+    ``bank_temperature`` and ``save_bank``: see :func:`retrieval_on_split`."""
     from dsalign.eval.captions import SCORERS
 
     settings = settings or DecodeSettings()
@@ -103,7 +111,7 @@ def evaluate_bundles(bundle_path: str | Path, features: str | Path, split: str =
     for bundle in load_bundles(bundle_path, device):
         if bundle.format == ALIGNMENT_FORMAT:
             result["retrieval"] = retrieval_on_split(bundle, features, split, device=device, bank_images=bank_images,
-                                                     temperature=bank_temperature)
+                                                     temperature=bank_temperature, save_bank=save_bank)
         elif bundle.format == CAPTION_FORMAT and bundle.info.get("level") == "region":
             try:
                 result["regions"] = evaluate_region_descriptions(bundle.model, bundle.vocab, features, split,

@@ -33,6 +33,6 @@ def build_entry(model: Model, item: ReportItem, beam_size: int = 7, top_k: int =
         sentences = list(item.sentences) or ([caption] if caption else [])
         alignments = [{"sentence": s, "snippets": [asdict(x) for x in model.align(image, s, beta, boxes=item.boxes)]}
                       for s in sentences]
-        for i, (_, value) in enumerate(sorted(model.rank_sentences(image, sentences))):
+        for i, (_, value) in enumerate(sorted(model.rank_sentences(image, sentences, bank=False))):
             scores[f"S(image, sentence {i + 1})"] = value
     return ReportEntry(item.name, image, caption, regions, alignments, scores)

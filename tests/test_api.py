@@ -121,9 +121,10 @@ def test_odd_sentences_have_defined_results(model, scene):
 
 
 def test_ranking_is_the_papers_score_of_the_embeddings(model, scene):
+    """Plain S (bank=False); the bank-normalised default is checked in test_bank_norm.py."""
     image, _, path = scene
     sentences = ["a red star", "two blue circles on a gray background", "nothing"]
-    ranked = model.rank_sentences(image, sentences)
+    ranked = model.rank_sentences(image, sentences, bank=False)
     assert sorted(i for i, _ in ranked) == [0, 1, 2]
     assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
     v = model.embed_images([image])[0]

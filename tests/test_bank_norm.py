@@ -93,3 +93,74 @@ def test_eval_command_reports_bank_metrics_from_training_images(tiny_demo, tmp_p
     direct = recall_at_k(bank_normalize(scores, bank["temperature_i2t"], bank["temperature_t2i"]))
     assert {k: bank[k] for k in direct} == pytest.approx(direct)
     assert _pick(retrieval, I2T + T2I) == pytest.approx(_pick(recall_at_k(scores.sims), I2T + T2I))
+
+
+def _manual_scores(regions: torch.Tensor, region_mask: torch.Tensor, words: list[torch.Tensor]) -> torch.Tensor:
+    """S[b, j] = sum_t max_(real i) v_bi . s_jt, one pair at a time in float64."""
+    out = torch.zeros(len(regions), len(words), dtype=torch.float64)
+    for b in range(len(regions)):
+        v = regions[b][region_mask[b]].double()
+        for j, s in enumerate(words):
+            out[b, j] = (s.double() @ v.T).max(1).values.sum() if len(s) else 0.0
+    return out
+
+
+def test_api_ranks_with_the_bank_saved_beside_the_bundle(tiny_demo) -> None:
+    """The demo saves its bank; rank_sentences / rank_images subtract the sentence / image prior computed from
+    it (checked by hand), bank=False gives plain S, and the saved vectors are the training images'."""
+    import dsalign
+    from dsalign.evaluate import _feature_loader
+    from dsalign.train.align import embed_split
+
+    out = tiny_demo[0]
+    model = dsalign.load(out / "model", device="cpu")
+    bank = model.bank
+    assert bank is not None and bank.regions.shape[0] == 120 and bank.tokens.shape[0] == 600  # all 120 scenes
+    train = embed_split(model.alignment.model, _feature_loader(out / "features", "train"), 5, torch.device("cpu"))
+    assert torch.allclose(bank.regions, train.regions, atol=2e-3) and torch.equal(bank.tokens, train.tokens)
+
+    image = next((out / "examples").iterdir())
+    sentences = ["a red star", "a big blue circle next to a green square", "shape", ""]
+    plain = dict(model.rank_sentences(image, sentences, bank=False))
+    ranked = model.rank_sentences(image, sentences)
+    words = model.embed_sentences(sentences)
+    prior = bank.tau_i2t * torch.logsumexp(_manual_scores(bank.regions, bank.region_mask, words) / bank.tau_i2t, 0)
+    expected = {i: plain[i] - (float(prior[i]) if words[i].shape[0] else 0.0) for i in range(len(sentences))}
+    assert dict(ranked) == pytest.approx(expected, abs=1e-4) and dict(ranked)[3] == 0.0
+    assert [i for i, _ in ranked] == sorted(expected, key=lambda i: -expected[i])
+
+    images = sorted((out / "examples").iterdir())
+    plain_images = dict(model.rank_images("a red star", images, bank=False))
+    bank_words = [s[m] for s, m in zip(model.alignment.model.encode_sentences(bank.tokens, bank.token_mask).detach(),
+                                       bank.token_mask)]
+    vectors = model.embed_images(images)
+    image_prior = [bank.tau_t2i * torch.logsumexp(
+        _manual_scores(v[None], torch.ones(1, len(v), dtype=torch.bool), bank_words)[0] / bank.tau_t2i, 0)
+        for v in vectors]
+    assert dict(model.rank_images("a red star", images)) == pytest.approx(
+        {k: plain_images[k] - float(image_prior[k]) for k in plain_images}, abs=1e-4)
+
+
+def test_a_stale_or_altered_bank_is_refused(tiny_demo, tmp_path, capsys) -> None:
+    import shutil
+
+    import dsalign
+    from dsalign.bundle import BundleError
+    from dsalign.cli import main
+
+    out = tiny_demo[0]
+    bundle = tmp_path / "alignment"
+    shutil.copytree(out / "model" / "alignment", bundle)
+    meta = json.loads((bundle / "bank.json").read_text())
+    (bundle / "bank.json").write_text(json.dumps({**meta, "weights_sha256": "0" * 64}))
+    with pytest.raises(BundleError, match="other weights"):
+        dsalign.load(bundle, device="cpu")
+    (bundle / "bank.json").write_text(json.dumps(meta))
+    data = (bundle / "bank.safetensors").read_bytes()
+    (bundle / "bank.safetensors").write_bytes(data[:-4] + bytes(b ^ 0xFF for b in data[-4:]))
+    with pytest.raises(BundleError, match="SHA-256"):
+        dsalign.load(bundle, device="cpu")
+    (bundle / "bank.json").unlink()
+    assert dsalign.load(bundle, device="cpu").bank is None  # no bank: plain scores
+    assert main(["eval", "--bundle", str(bundle), "--features", str(out / "features"), "--save-bank"]) == 2
+    assert "needs bank images" in capsys.readouterr().err

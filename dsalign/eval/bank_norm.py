@@ -50,7 +50,8 @@ class BankScores:
                              f"{n_images} images")
 
 
-def _prior(bank: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
+def bank_prior(bank: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
+    """tau * log sum exp(bank / tau) along ``dim`` (kept), in float64: the soft maximum subtracted from S."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return temperature * torch.logsumexp(bank.double() / temperature, dim=dim, keepdim=True)
@@ -58,8 +59,8 @@ def _prior(bank: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
 
 def bank_normalize(scores: BankScores, tau_i2t: float, tau_t2i: float) -> torch.Tensor:
     """S' of the module docstring (float64)."""
-    return (scores.sims.double() - _prior(scores.bank_images, tau_i2t, dim=0)
-            - _prior(scores.bank_sentences, tau_t2i, dim=1))
+    return (scores.sims.double() - bank_prior(scores.bank_images, tau_i2t, dim=0)
+            - bank_prior(scores.bank_sentences, tau_t2i, dim=1))
 
 
 def choose_temperatures(scores: BankScores, captions_per_image: int = 5,

@@ -42,13 +42,14 @@ def pick_captions(tokens: torch.Tensor, token_mask: torch.Tensor, caption_mask: 
 
 @dataclass
 class SplitEmbeddings:
-    """Region vectors [n_images, R, h] and word vectors [n_images * c, T, h] of a split, padded, with masks;
-    sentence j belongs to image j // c."""
+    """Region vectors [n_images, R, h] and word vectors [n_images * c, T, h] of a split, padded, with masks, and
+    the sentences' token ids [n_images * c, T]; sentence j belongs to image j // c."""
 
     regions: torch.Tensor
     region_mask: torch.Tensor
     words: torch.Tensor
     word_mask: torch.Tensor
+    tokens: torch.Tensor
     skipped_images: int
 
 
@@ -62,6 +63,7 @@ def embed_split(model: AlignmentModel, loader: ShardLoader, captions_per_image: 
     model.eval()
     images: list[tuple[torch.Tensor, torch.Tensor]] = []
     words: list[tuple[torch.Tensor, torch.Tensor]] = []
+    token_ids: list[tuple[torch.Tensor, torch.Tensor]] = []
     skipped = taken = 0
     c = captions_per_image
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -79,6 +81,7 @@ def embed_split(model: AlignmentModel, loader: ShardLoader, captions_per_image: 
                 s = model.encode_sentences(tokens, token_mask)
             images.append((v.float(), region_mask))
             words.append((s.float(), token_mask))
+            token_ids.append((tokens.cpu(), token_mask.cpu()))
         if max_images is not None and taken >= max_images:
             break
     model.train(was_training)
@@ -86,7 +89,7 @@ def embed_split(model: AlignmentModel, loader: ShardLoader, captions_per_image: 
         raise ValueError("the split has no image with enough captions")
     v, vm = _pad_cat(images)
     s, sm = _pad_cat(words)
-    return SplitEmbeddings(v, vm, s, sm, skipped)
+    return SplitEmbeddings(v, vm, s, sm, _pad_cat(token_ids)[0], skipped)
 
 
 def split_scores(embedded: SplitEmbeddings, backend: str | None = None,
@@ -117,8 +120,10 @@ def retrieval_metrics(embedded: SplitEmbeddings, sims: torch.Tensor, captions_pe
 
 
 def _pad_cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenates [n, L, ...] tensors (and their [n, L] masks) padded to the longest L."""
     length = max(x.shape[1] for x, _ in parts)
-    feats = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1])) for x, _ in parts])
+    trailing = parts[0][0].dim() - 2
+    feats = torch.cat([torch.nn.functional.pad(x, (0, 0) * trailing + (0, length - x.shape[1])) for x, _ in parts])
     masks = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in parts])
     return feats, masks
 
