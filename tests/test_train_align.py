@@ -147,6 +147,14 @@ def test_hardest_negative_starts_after_its_warm_up() -> None:
         load_config_data({"data": {"features": "f"}, "loss": {"hardest_negative_after": -1}})
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "launch" / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    from dsalign.train.config import CaptionTrainConfig
+
+    kind = CaptionTrainConfig if path.name.startswith("caption") else TrainConfig
+    assert isinstance(load_config(path, kind=kind), kind)
+
+
 def test_learning_rate_schedules() -> None:
     def lrs(optim: dict, steps: int = 10) -> list[float]:
         config = load_config_data({"data": {"features": "f"}, "optim": {"lr": 1.0, **optim}})
