@@ -54,7 +54,8 @@ class Bundle:
     path: Path | None = None  # the folder it was loaded from (where a retrieval bank may sit beside it)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes: how bundles (and the retrieval bank beside one) record their files."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -77,7 +78,7 @@ def export_bundle(model: AlignmentModel, vocab: Vocabulary, out_dir: str | Path,
         "model": model.config.to_dict(),
         "features": features or {},
         "info": info or {},
-        "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)},
+        "sha256": {WEIGHTS: file_sha256(tmp / WEIGHTS), VOCAB: file_sha256(tmp / VOCAB)},
     }
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     old = out.with_name(f".old-{out.name}")
@@ -143,7 +144,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", expect: st
         file = root / name
         if not file.is_file():
             raise BundleError(f"{root}: missing {name}")
-        if _sha256(file) != hashes.get(name):
+        if file_sha256(file) != hashes.get(name):
             raise BundleError(f"{file}: contents do not match the SHA-256 in {CONFIG} (truncated or altered)")
     try:
         model_config = config_cls.from_dict(config.get("model") or {})

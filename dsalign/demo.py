@@ -144,12 +144,11 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
     timings["train_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    retrieval = retrieval_on_split(load_alignment_bundle(bundle_dir), features, bank_images=BANK_IMAGES,
-                                   save_bank=True)
+    bundle = load_alignment_bundle(bundle_dir)
+    retrieval = retrieval_on_split(bundle, features, bank_images=BANK_IMAGES, save_bank=True)
     timings["eval_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    bundle = load_alignment_bundle(bundle_dir)
     snippets = out / "snippets"
     align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train",
                  resume=snippets.exists(), progress=progress, whole_image=WHOLE_IMAGE)

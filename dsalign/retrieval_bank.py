@@ -10,7 +10,6 @@ used silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dsalign.bundle import WEIGHTS, Bundle, BundleError
+from dsalign.bundle import WEIGHTS, Bundle, BundleError, file_sha256
 from dsalign.eval.bank_norm import bank_prior
 from dsalign.models.alignment import AlignmentModel
 from dsalign.ops.score import score_matrix
@@ -57,10 +56,6 @@ class RetrievalBank:
         return bank_prior(scores.cpu(), self.tau_t2i, dim=1)[:, 0].float()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_bank(bundle: Bundle, regions: torch.Tensor, region_mask: torch.Tensor, tokens: torch.Tensor,
               token_mask: torch.Tensor, temperatures: dict[str, float]) -> Path:
     """Write ``bank.safetensors`` and ``bank.json`` into the (loaded-from-disk) alignment bundle's folder."""
@@ -74,7 +69,7 @@ def save_bank(bundle: Bundle, regions: torch.Tensor, region_mask: torch.Tensor, 
     meta = {"format": BANK_FORMAT, "temperature_i2t": float(temperatures["i2t"]),
             "temperature_t2i": float(temperatures["t2i"]), "images": int(regions.shape[0]),
             "sentences": int(tokens.shape[0]), "weights_sha256": bundle.sha256.get(WEIGHTS),
-            "sha256": _sha256(bundle.path / BANK_TENSORS)}
+            "sha256": file_sha256(bundle.path / BANK_TENSORS)}
     (bundle.path / BANK_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return bundle.path / BANK_META
 
@@ -93,7 +88,7 @@ def load_bank(bundle: Bundle) -> RetrievalBank | None:
     if meta.get("weights_sha256") != bundle.sha256.get(WEIGHTS):
         raise BundleError(f"{meta_file}: made with other weights than this bundle's; make it again with "
                           "`dsalign eval --bank-images N --save-bank` or delete it")
-    if not tensor_file.is_file() or _sha256(tensor_file) != meta.get("sha256"):
+    if not tensor_file.is_file() or file_sha256(tensor_file) != meta.get("sha256"):
         raise BundleError(f"{tensor_file}: missing, or its contents do not match the SHA-256 in {BANK_META}")
     try:
         t = load_file(str(tensor_file))
