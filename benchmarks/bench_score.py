@@ -6,14 +6,17 @@ the time) computed and printed. On CUDA: naive ``torch``, ``torch_chunked`` and 
 B in {256, 1024, 4096} (images = sentences), R = T = 20, D in {512, 1024}, fp32 and bf16, forward and
 forward+backward, plus a dense bf16 matmul in the same run as the throughput ceiling.
 
-Before timing, every backend is checked on a sub-batch (forward and both gradients) against the float64
-``torch`` backend (itself tested against a loop-level reference in tests/test_score.py); on CUDA the full
-triton forward is also compared with fp32 ``torch_chunked``. Times are medians (CUDA events on GPU);
-TFLOP/s counts the dense-equivalent 2*B_img*B_sent*R*T*D multiply-adds per forward and 3x that for
-forward+backward (the backward is two GEMMs of the forward's size), for every backend alike. Configurations
-whose naive 4-D tensor would not fit are skipped and listed. Writes JSON.
+Before timing, every backend is checked on a sub-batch of exactly representable inputs (forward and both
+gradients; see ``make_inputs``) against the float64 ``torch`` backend (itself tested against a loop-level
+reference in tests/test_score.py); on CUDA the full triton forward is also compared with fp32
+``torch_chunked``. Times are medians (CUDA events on GPU); TFLOP/s counts the dense-equivalent
+2*B_img*B_sent*R*T*D multiply-adds per forward and 3x that for forward+backward (the backward is two GEMMs of
+the forward's size), for every backend alike. Configurations whose naive 4-D tensor would not fit are
+skipped and listed. Writes JSON.
 
-    python benchmarks/bench_score.py [--out FILE] [--repeats N]
+    python benchmarks/bench_score.py [--out FILE] [--repeats N] [--dtypes bf16,fp32] [--sizes ...] [--dims ...]
+
+The JSON is rewritten after every measured row, so a run stopped early keeps what it measured.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ CPU_SIZES = [128, 512]  # issue 4's CPU targets are stated at B = 512, D = 1024
 CPU_DIMS = [1024]
 GPU_SIZES = [256, 1024, 4096]
 GPU_DIMS = [512, 1024]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 N_REG = N_WRD = 20
 CHECK_BATCH = 64
 # Max error relative to the largest reference magnitude; bf16 gradients carry bf16 rounding (and dL/dS
@@ -46,11 +50,24 @@ CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
 GPU_CHUNK_ELEMS = 1 << 26  # 256 MB fp32 blocks: the GPU needs large einsums to be busy
 
 
-def make_inputs(n_img: int, n_sent: int, dim: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Full region sets (19 boxes + the whole image in the paper) and captions of 5-20 real words."""
+def make_inputs(n_img: int, n_sent: int, dim: int, dtype: torch.dtype, device: str, seed: int = 0,
+                exact: bool = False):
+    """Full region sets (19 boxes + the whole image in the paper) and captions of 5-20 real words.
+
+    exact=True draws multiples of 1/8 in [-1, 1]: every product is a multiple of 1/64 and every partial sum
+    (|sum| <= D) is exact in fp32, so the argmax regions do not depend on the order of accumulation. With
+    Gaussian inputs, some top-2 gaps are ~4e-4, within the accumulation error of a tensor-core dot over
+    D = 512, and one flipped argmax moves a whole dL/dS x w term to another region (0.02-0.2 of the largest
+    gradient on the check batch): a disagreement of order, not of correctness.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
-    regions = torch.randn(n_img, N_REG, dim, device=device, generator=gen).to(dtype)
-    words = torch.randn(n_sent, N_WRD, dim, device=device, generator=gen).to(dtype)
+
+    def draw(n: int, rows: int) -> torch.Tensor:
+        if exact:
+            return (torch.randint(-8, 9, (n, rows, dim), device=device, generator=gen) / 8).to(dtype)
+        return torch.randn(n, rows, dim, device=device, generator=gen).to(dtype)
+
+    regions, words = draw(n_img, N_REG), draw(n_sent, N_WRD)
     region_mask = torch.ones(n_img, N_REG, dtype=torch.bool, device=device)
     lengths = torch.randint(5, N_WRD + 1, (n_sent,), device=device, generator=gen)
     word_mask = torch.arange(N_WRD, device=device)[None, :] < lengths[:, None]
@@ -72,8 +89,9 @@ def max_rel_err(got: tuple, want: tuple) -> float:
 
 def check(backend: str, dim: int, dtype: torch.dtype, device: str, **kwargs) -> float:
     """Forward and both gradients on a CHECK_BATCH sub-problem vs the float64 torch backend."""
-    inputs = make_inputs(CHECK_BATCH, CHECK_BATCH + 3, dim, dtype, device, seed=1)
-    grad = torch.randn(CHECK_BATCH, CHECK_BATCH + 3, device=device, dtype=torch.float64)
+    inputs = make_inputs(CHECK_BATCH, CHECK_BATCH + 3, dim, dtype, device, seed=1, exact=True)
+    grad = torch.randn(CHECK_BATCH, CHECK_BATCH + 3, device=device, dtype=torch.float64,
+                       generator=torch.Generator(device=device).manual_seed(2))
     want = forward_and_grads("torch", *(x.double() if x.is_floating_point() else x for x in inputs), grad)
     return max_rel_err(forward_and_grads(backend, *inputs, grad, **kwargs), want)
 
@@ -171,15 +189,16 @@ def naive_bytes(n: int, dim: int, backward: bool) -> int:
     return n * n * N_REG * N_WRD * 4 * (4 if backward else 2) + 2 * n * N_REG * dim * 4
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     timer = Timer(device, args.repeats)
     if device == "cuda":
-        sizes, dims, dtypes = GPU_SIZES, GPU_DIMS, [torch.float32, torch.bfloat16]
+        sizes, dims = args.sizes or GPU_SIZES, args.dims or GPU_DIMS
+        dtypes = [DTYPES[name] for name in args.dtypes]
         backends = {"torch": {}, "torch_chunked": {"chunk_elems": GPU_CHUNK_ELEMS}, "triton": {}}
         name = torch.cuda.get_device_name()
     else:
-        sizes, dims, dtypes = CPU_SIZES, CPU_DIMS, [torch.float32]
+        sizes, dims, dtypes = args.sizes or CPU_SIZES, args.dims or CPU_DIMS, [torch.float32]
         backends = {"torch": {}, "torch_chunked": {}}
         name = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     report = {"benchmark": "score", "date": date.today().isoformat(), "device": name,
@@ -225,6 +244,7 @@ def run(args: argparse.Namespace) -> dict:
                         if cpu_ms is not None:
                             row["cpu_ms"] = cpu_ms
                         report["results"].append(row)
+                        save(report)
                         cpu = "" if cpu_ms is None else f" (cpu {cpu_ms:7.1f} ms)"
                         print(f"{row['dtype']:>8} D={dim:<5} B={n:<5} {backend:>13} {row['pass']:>7}: "
                               f"{ms:9.2f} ms{cpu} {row['tflops']:8.3f} TFLOP/s peak {_fmt_mb(peak)} "
@@ -275,18 +295,32 @@ def _step(backend: str, inputs: tuple, grad: torch.Tensor, backward: bool,
     return forward_backward
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/score_<cpu|cuda>.json)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", type=lambda text: text.split(","), default=list(DTYPES),
+                        help="CUDA only: comma-separated, in the order run (default bf16,fp32)")
+    parser.add_argument("--sizes", type=_int_list, default=None, help="batch sizes (default per device)")
+    parser.add_argument("--dims", type=_int_list, default=None, help="feature sizes D (default per device)")
     args = parser.parse_args()
-    report = run(args)
+    if unknown := [name for name in args.dtypes if name not in DTYPES]:
+        parser.error(f"unknown --dtypes {unknown}; choose from {list(DTYPES)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = args.out or Path(__file__).parent / "results" / f"score_{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save(report: dict) -> None:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    report = run(args, save)
+    save(report)
     print(f"wrote {out}")
     if report["failed_checks"]:
         print(f"FAILED checks: {report['failed_checks']}", file=sys.stderr)

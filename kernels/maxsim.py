@@ -1,21 +1,23 @@
 """Fused Triton MaxSim kernels: S[k, l] = sum_t max_i v_{k,i} . s_{l,t} with masks, forward and backward.
 
-Layout of a forward tile: ``BLOCK_I`` images x ``BLOCK_S`` sentences. The regions of the tile's images are
-stacked into the rows of one GEMM operand (``BLOCK_I * R_P`` rows, each image padded to ``R_P`` = next power
-of two >= R) and the words of its sentences into the columns (``BLOCK_S * T_P``), so a single ``tl.dot``
-chain over D-chunks gives every region-word similarity of the tile in registers. The max over regions and
-the sum over words are reductions of that accumulator reshaped to ``[BLOCK_I, R_P, N]`` and
-``[BLOCK_I, BLOCK_S, T_P]``; the 4-D similarity tensor never exists in memory.
+Layout of a forward tile: the regions of ``BLOCK_M // R`` images packed R rows apart form the rows of one GEMM
+operand and the words of ``BLOCK_N // T`` sentences packed T columns apart form the columns (a tile grows to
+the next power of two above R or T when one image or sentence does not fit). A single ``tl.dot`` chain over
+D-chunks gives every region-word similarity of the tile in registers; the max over an image's regions is a
+masked column max (with argmax) and the sum over a sentence's words a masked row sum. Nothing is padded to a
+power of two per image or sentence, so at R = T = 20 a 128 x 128 tile spends 88% of its products on real
+pairs (39% with 32 x 32 padding per pair). The 4-D similarity tensor never exists in memory.
 
 Masking: padded/unreal regions are -inf before the max; padded words and images without any real region
 contribute 0 after it (so such pairs score 0 and get zero gradient).
 
 Backward uses the argmax region per (image, sentence, word) -- saved by the forward in a compact integer
-dtype (int8 when R <= 128) with -1 for "contributes nothing", or recomputed -- and forms the one-hot matrix
-``P[(k,i), (l,t)] = G[k,l] * [argmax(k,l,t) == i]`` tile by tile in registers. Then ``dV = P @ W`` and
-``dW = P^T @ V`` are ordinary GEMMs: one kernel owns a (image tile, D-chunk) block of dV and loops over all
-sentences, the other owns a (sentence tile, D-chunk) block of dW and loops over all images. No atomics, so
-gradients are bitwise deterministic run to run.
+dtype (int8 when R <= 128) with -1 for "contributes nothing", or recomputed -- and dL/dS laid out the same way
+([B_img, B_sent, T] in the input dtype, so both are read with vector loads along the words). Tile by tile in
+registers it forms the one-hot matrix ``P[(k,i), (l,t)] = G[k,l] * [argmax(k,l,t) == i]``; then
+``dV = P @ W`` and ``dW = P^T @ V`` are ordinary GEMMs: one kernel owns an (image tile, D-chunk) block of dV
+and loops over all sentences, the other a (sentence tile, D-chunk) block of dW and loops over all images.
+Wide D-chunks amortise building P. No atomics, so gradients are bitwise deterministic run to run.
 
 Accumulation is fp32 for fp32/fp16/bf16 inputs and S is returned in fp32; the gradients come back in the
 input dtype (in the 16-bit backward the one-hot operand carries G rounded to that dtype). Under
@@ -24,10 +26,14 @@ interpreter has no bf16 dot.
 """
 
 # No `from __future__ import annotations`: Triton reads the kernels' `tl.constexpr` annotations at runtime.
+import os
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+AUTOTUNE_ENV = "DSALIGN_TRITON_AUTOTUNE"
 
 
 @triton.jit
@@ -39,29 +45,31 @@ def _maxsim_fwd_kernel(
     STORE_ARGMAX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr = 8,
 ):
-    # Images/sentences per tile; at least one even when R_P > BLOCK_M (rounding up keeps powers of two).
-    BLOCK_I: tl.constexpr = (BLOCK_M + R_P - 1) // R_P
-    BLOCK_S: tl.constexpr = (BLOCK_N + T_P - 1) // T_P
-    M: tl.constexpr = BLOCK_I * R_P
-    N: tl.constexpr = BLOCK_S * T_P
+    M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P  # grows to one image when R > BLOCK_M
+    N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
+    SPT_P: tl.constexpr = 2 * N // T_P  # a power of two >= N // T
+    ipt = M // R  # images per tile, R rows apart
+    spt = N // T  # sentences per tile, T columns apart
     # 1-D grid walked in groups of GROUP image tiles x all sentence tiles, so programs running together share
     # their region and word tiles in L2 (the usual GEMM swizzle).
     pid = tl.program_id(0)
-    n_tiles_s = tl.cdiv(n_sent, BLOCK_S)
+    n_tiles_s = tl.cdiv(n_sent, spt)
     in_group = GROUP * n_tiles_s
     first_i = (pid // in_group) * GROUP
-    group_rows = tl.minimum(tl.cdiv(n_img, BLOCK_I) - first_i, GROUP)
+    group_rows = tl.minimum(tl.cdiv(n_img, ipt) - first_i, GROUP)
     pid_i = first_i + (pid % in_group) % group_rows
     pid_s = (pid % in_group) // group_rows
 
     rows = tl.arange(0, M)
-    img = pid_i * BLOCK_I + rows // R_P
-    reg = rows % R_P
-    row_ok = (img < n_img) & (reg < R)
+    local_img = rows // R
+    img = pid_i * ipt + local_img
+    reg = rows - local_img * R
+    row_ok = (local_img < ipt) & (img < n_img)
     cols = tl.arange(0, N)
-    snt = pid_s * BLOCK_S + cols // T_P
-    wrd = cols % T_P
-    col_ok = (snt < n_sent) & (wrd < T)
+    local_snt = cols // T
+    snt = pid_s * spt + local_snt
+    wrd = cols - local_snt * T
+    col_ok = (local_snt < spt) & (snt < n_sent)
 
     v_ptr = V + img.to(tl.int64)[:, None] * s_vb + reg[:, None] * s_vr
     w_ptr = W + snt.to(tl.int64)[None, :] * s_wb + wrd[None, :] * s_wt
@@ -78,108 +86,112 @@ def _maxsim_fwd_kernel(
 
     real_r = tl.load(VM + img.to(tl.int64) * R + reg, mask=row_ok, other=0) != 0
     acc = tl.where(real_r[:, None], acc, float("-inf"))
-    best, arg = tl.max(tl.reshape(acc, (BLOCK_I, R_P, N)), axis=1, return_indices=True)
-    img_ok = tl.max(tl.reshape(real_r.to(tl.int32), (BLOCK_I, R_P)), axis=1) > 0
     real_w = tl.load(WM + snt.to(tl.int64) * T + wrd, mask=col_ok, other=0) != 0
-    keep = img_ok[:, None] & real_w[None, :]
-    score = tl.sum(tl.reshape(tl.where(keep, best, 0.0), (BLOCK_I, BLOCK_S, T_P)), axis=2)
-
-    ti = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    ts = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    tl.store(S + ti[:, None] * s_sb + ts[None, :] * s_ss, score.to(S.dtype.element_ty),
-             mask=(ti < n_img)[:, None] & (ts < n_sent)[None, :])
-    if STORE_ARGMAX:
-        a_ptr = A + (ti.to(tl.int64)[:, None] * n_sent + snt[None, :]) * T + wrd[None, :]
-        tl.store(a_ptr, tl.where(keep, arg, -1).to(A.dtype.element_ty),
-                 mask=(ti < n_img)[:, None] & col_ok[None, :])
+    s_local = tl.arange(0, SPT_P)
+    member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]
+    ts = pid_s * spt + s_local
+    s_ok = (s_local < spt) & (ts < n_sent)
+    # Images are packed R rows apart (no padding to a power of two), so the max over an image's regions is a
+    # masked column max per image of the tile and the sum over a sentence's words a masked row sum.
+    for j in range(0, tl.minimum(ipt, n_img - pid_i * ipt)):
+        mine = local_img == j
+        best, arg = tl.max(tl.where(mine[:, None], acc, float("-inf")), axis=0, return_indices=True)
+        has_region = tl.sum((mine & real_r).to(tl.int32), axis=0) > 0
+        score = tl.sum(tl.where(member & has_region, best[None, :], 0.0), axis=1)
+        k = (pid_i * ipt + j).to(tl.int64)
+        tl.store(S + k * s_sb + ts * s_ss, score.to(S.dtype.element_ty), mask=s_ok)
+        if STORE_ARGMAX:
+            tl.store(A + (k * n_sent + snt) * T + wrd,
+                     tl.where(real_w & has_region, arg - j * R, -1).to(A.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
 def _maxsim_bwd_dv_kernel(
-    W, G, A, DV,
+    W, C, A, DV,
     n_img, n_sent, R, T, D,
-    s_wb, s_wt, s_wd, s_gb, s_gs, s_db, s_dr, s_dd,
+    s_wb, s_wt, s_wd, s_db, s_dr, s_dd,
     R_P: tl.constexpr, T_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    BLOCK_I: tl.constexpr = (BLOCK_M + R_P - 1) // R_P
-    BLOCK_S: tl.constexpr = (BLOCK_N + T_P - 1) // T_P
-    M: tl.constexpr = BLOCK_I * R_P
-    N: tl.constexpr = BLOCK_S * T_P
+    M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P
+    N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
+    ipt = M // R  # images per tile, R rows apart
+    spt = N // T  # sentences per tile, T columns apart
     pid_i = tl.program_id(0)
     pid_d = tl.program_id(1)
 
-    ti = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    i_ok = ti < n_img
-    reg3 = tl.arange(0, R_P)[None, :, None]
+    rows = tl.arange(0, M)
+    local_img = rows // R
+    img = pid_i * ipt + local_img
+    reg = rows - local_img * R
+    row_ok = (local_img < ipt) & (img < n_img)
+    a_row = img.to(tl.int64) * n_sent * T
+    cols = tl.arange(0, N)
+    local_snt = cols // T
+    wrd = cols - local_snt * T
+    col_in = local_snt < spt
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
-    cols = tl.arange(0, N)
-    wrd = cols % T_P
     acc = tl.zeros((M, BLOCK_D), dtype=tl.float32)
-    for s0 in range(0, n_sent, BLOCK_S):
-        snt = s0 + cols // T_P
-        col_ok = (snt < n_sent) & (wrd < T)
-        ok = i_ok[:, None] & col_ok[None, :]
-        a = tl.load(A + (ti.to(tl.int64)[:, None] * n_sent + snt[None, :]) * T + wrd[None, :],
-                    mask=ok, other=-1).to(tl.int32)
-        g = tl.load(G + ti[:, None] * s_gb + snt[None, :] * s_gs, mask=ok, other=0.0).to(tl.float32)
-        p = tl.reshape(tl.where(a[:, None, :] == reg3, g[:, None, :], 0.0), (M, N))
+    for s0 in range(0, n_sent, spt):
+        snt = s0 + local_snt
+        col_ok = col_in & (snt < n_sent)
+        ok = row_ok[:, None] & col_ok[None, :]
+        # P[(k, i), (l, t)] = G[k, l] if word t of sentence l took region i of image k, else 0.
+        offs = a_row[:, None] + (s0 * T + cols)[None, :]
+        a = tl.load(A + offs, mask=ok, other=-1).to(tl.int32)
+        p = tl.where(a == reg[:, None], tl.load(C + offs, mask=ok, other=0.0), 0.0)
         w = tl.load(W + snt.to(tl.int64)[:, None] * s_wb + wrd[:, None] * s_wt + dd[None, :] * s_wd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
+            p = p.to(tl.float32)
             w = w.to(tl.float32)
-        else:
-            p = p.to(w.dtype)
         acc = tl.dot(p, w, acc, input_precision=PRECISION)
 
-    rows = tl.arange(0, M)
-    img = pid_i * BLOCK_I + rows // R_P
-    reg = rows % R_P
     tl.store(DV + img.to(tl.int64)[:, None] * s_db + reg[:, None] * s_dr + dd[None, :] * s_dd,
-             acc.to(DV.dtype.element_ty), mask=((img < n_img) & (reg < R))[:, None] & d_ok[None, :])
+             acc.to(DV.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _maxsim_bwd_dw_kernel(
-    V, G, A, DW,
+    V, C, A, DW,
     n_img, n_sent, R, T, D,
-    s_vb, s_vr, s_vd, s_gb, s_gs, s_db, s_dt, s_dd,
+    s_vb, s_vr, s_vd, s_db, s_dt, s_dd,
     R_P: tl.constexpr, T_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    BLOCK_I: tl.constexpr = (BLOCK_M + R_P - 1) // R_P
-    BLOCK_S: tl.constexpr = (BLOCK_N + T_P - 1) // T_P
-    M: tl.constexpr = BLOCK_I * R_P
-    N: tl.constexpr = BLOCK_S * T_P
+    M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P
+    N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
+    ipt = M // R  # images per tile, R rows apart
+    spt = N // T  # sentences per tile, T columns apart
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
 
     cols = tl.arange(0, N)
-    snt = pid_s * BLOCK_S + cols // T_P
-    wrd = cols % T_P
-    col_ok = (snt < n_sent) & (wrd < T)
-    reg3 = tl.arange(0, R_P)[None, None, :]
-    ic = tl.arange(0, BLOCK_I)
+    local_snt = cols // T
+    snt = pid_s * spt + local_snt
+    wrd = cols - local_snt * T
+    col_ok = (local_snt < spt) & (snt < n_sent)
+    a_col = snt.to(tl.int64) * T + wrd
     rows = tl.arange(0, M)
-    reg = rows % R_P
+    local_img = rows // R
+    reg = rows - local_img * R
+    row_in = local_img < ipt
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
     acc = tl.zeros((N, BLOCK_D), dtype=tl.float32)
-    for i0 in range(0, n_img, BLOCK_I):
-        ti = i0 + ic
-        ok = col_ok[:, None] & (ti < n_img)[None, :]
-        a = tl.load(A + (ti.to(tl.int64)[None, :] * n_sent + snt[:, None]) * T + wrd[:, None],
-                    mask=ok, other=-1).to(tl.int32)
-        g = tl.load(G + ti[None, :] * s_gb + snt[:, None] * s_gs, mask=ok, other=0.0).to(tl.float32)
-        pt = tl.reshape(tl.where(a[:, :, None] == reg3, g[:, :, None], 0.0), (N, M))
-        img = i0 + rows // R_P
+    for i0 in range(0, n_img, ipt):
+        img = i0 + local_img
+        row_ok = row_in & (img < n_img)
+        ok = col_ok[:, None] & row_ok[None, :]
+        offs = img.to(tl.int64)[None, :] * n_sent * T + a_col[:, None]
+        a = tl.load(A + offs, mask=ok, other=-1).to(tl.int32)
+        pt = tl.where(a == reg[None, :], tl.load(C + offs, mask=ok, other=0.0), 0.0)
         v = tl.load(V + img.to(tl.int64)[:, None] * s_vb + reg[:, None] * s_vr + dd[None, :] * s_vd,
-                    mask=((img < n_img) & (reg < R))[:, None] & d_ok[None, :], other=0.0)
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
+            pt = pt.to(tl.float32)
             v = v.to(tl.float32)
-        else:
-            pt = pt.to(v.dtype)
         acc = tl.dot(pt, v, acc, input_precision=PRECISION)
 
     tl.store(DW + snt.to(tl.int64)[:, None] * s_db + wrd[:, None] * s_dt + dd[None, :] * s_dd,
@@ -191,36 +203,56 @@ def interpreted() -> bool:
     return isinstance(_maxsim_fwd_kernel, InterpretedFunction)
 
 
-def _configs() -> list[triton.Config]:
-    """Block-size search space; a single large tile under the interpreter (few big programs run fastest)."""
+# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). The forward is a GEMM over D with a
+# max/sum epilogue. The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide
+# D-chunks (up to 256) amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N
+# words, for dW it is BLOCK_N rows x BLOCK_D over BLOCK_M regions.
+FORWARD_SPACE = [
+    (64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 2), (256, 128, 64, 8, 3),
+]
+BACKWARD_SPACE = [
+    (64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 128, 128, 8, 3),
+    (128, 64, 256, 8, 3), (64, 128, 256, 8, 3), (128, 128, 128, 8, 3), (64, 64, 256, 8, 4),
+]
+
+
+def _configs(space: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """The autotuner's configs: one large tile under the interpreter (few big programs run fastest), and one
+    GPU config when ``DSALIGN_TRITON_AUTOTUNE=0`` (correctness runs over many shapes would otherwise compile
+    and time every config for each)."""
     if interpreted():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32})]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-        for bm, bn, bd, w, st in [
-            (64, 64, 64, 4, 3),
-            (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 3),
-            (128, 128, 32, 8, 3),
-            (128, 128, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (64, 64, 128, 4, 3),
-            (128, 128, 128, 8, 2),
-        ]
-    ]
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        space = space[:1]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bm, bn, bd, w, st in space]
 
 
+def _prune_for_precision(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Exact fp32 ("ieee") dots run on the FMA units and compile slowly at large tiles, which buy nothing
+    there: search only the tiles of at most 64 x 64 x 128."""
+    if kwargs.get("PRECISION", named_args.get("PRECISION")) != "ieee":
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] <= 64 * 64 * 128]
+    return small or configs[:1]
+
+
+_PRUNE = {"early_config_prune": _prune_for_precision}
 # Batch sizes are part of the key: the best tile for a 64 x 64 check differs from a 4096 x 4096 batch, and a
 # training run sees only a few distinct sizes.
-_KEY = ["n_img", "n_sent", "R_P", "T_P", "D", "UPCAST", "PRECISION"]
-_fwd = triton.autotune(configs=_configs(), key=[*_KEY, "STORE_ARGMAX"])(_maxsim_fwd_kernel)
-_bwd_dv = triton.autotune(configs=_configs(), key=_KEY)(_maxsim_bwd_dv_kernel)
-_bwd_dw = triton.autotune(configs=_configs(), key=_KEY)(_maxsim_bwd_dw_kernel)
+_KEY = ["n_img", "n_sent", "R", "T", "D", "UPCAST", "PRECISION"]
+_fwd = triton.autotune(configs=_configs(FORWARD_SPACE), key=[*_KEY, "STORE_ARGMAX"], prune_configs_by=_PRUNE)(
+    _maxsim_fwd_kernel)
+_bwd_dv = triton.autotune(configs=_configs(BACKWARD_SPACE), key=_KEY, prune_configs_by=_PRUNE)(
+    _maxsim_bwd_dv_kernel)
+_bwd_dw = triton.autotune(configs=_configs(BACKWARD_SPACE), key=_KEY, prune_configs_by=_PRUNE)(
+    _maxsim_bwd_dw_kernel)
 
 
-def _per_tile(block: int, padded: int) -> int:
-    """Items (images or sentences) per tile; mirrors the kernels' constexpr arithmetic."""
-    return max(block // padded, 1)
+def _per_tile(block: int, padded: int, count: int) -> int:
+    """Images (sentences) per tile: the kernels' tile height max(BLOCK, R_P) over R (width over T)."""
+    return max(block, padded) // count
 
 
 def _argmax_dtype(n_regions: int) -> torch.dtype:
@@ -273,14 +305,14 @@ def maxsim_forward(regions: torch.Tensor, region_mask: torch.Tensor, words: torc
     scores = torch.empty(n_img, n_sent, device=regions.device, dtype=torch.float32)
     argmax = (torch.empty(n_img, n_sent, n_wrd, device=regions.device, dtype=_argmax_dtype(n_reg))
               if return_argmax else torch.empty(1, device=regions.device, dtype=torch.int8))
-    if scores.numel() == 0:
-        return scores, (argmax if return_argmax else None)
+    if scores.numel() == 0 or n_reg == 0 or n_wrd == 0:  # no pair has a term: every score is 0
+        return scores.zero_(), (argmax.fill_(-1) if return_argmax else None)
     vm = region_mask.to(torch.uint8).contiguous()
     wm = word_mask.to(torch.uint8).contiguous()
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p))
-                * triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p)),)
+        return (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p, n_reg))
+                * triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p, n_wrd)),)
 
     _fwd[grid](
         regions, vm, words, wm, scores, argmax,
@@ -300,27 +332,29 @@ def maxsim_backward(regions: torch.Tensor, words: torch.Tensor, grad_scores: tor
     r_p = triton.next_power_of_2(max(n_reg, 1))
     t_p = triton.next_power_of_2(max(n_wrd, 1))
     flags = _launch_flags(regions.dtype)
-    grad_v = grad_w = None
+    # dL/dS laid out like the argmax, in the operand dtype: the kernels then read both with contiguous
+    # (vector) loads along the words instead of one scalar dL/dS per word.
+    coef = grad_scores.to(regions.dtype)[:, :, None].expand(n_img, n_sent, n_wrd).contiguous()
+    grad_v = torch.zeros_like(regions) if need_regions else None
+    grad_w = torch.zeros_like(words) if need_words else None
+    if not (n_img and n_sent and n_reg and n_wrd):
+        return grad_v, grad_w
     if need_regions:
-        grad_v = torch.zeros_like(regions)
-        if grad_v.numel() and n_sent * n_wrd:
-            _bwd_dv[lambda meta: (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p)),
-                                  triton.cdiv(dim, meta["BLOCK_D"]))](
-                words, grad_scores, argmax, grad_v,
-                n_img, n_sent, n_reg, n_wrd, dim,
-                *words.stride(), *grad_scores.stride(), *grad_v.stride(),
-                R_P=r_p, T_P=t_p, **flags,
-            )
+        _bwd_dv[lambda meta: (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p, n_reg)),
+                              triton.cdiv(dim, meta["BLOCK_D"]))](
+            words, coef, argmax, grad_v,
+            n_img, n_sent, n_reg, n_wrd, dim,
+            *words.stride(), *grad_v.stride(),
+            R_P=r_p, T_P=t_p, **flags,
+        )
     if need_words:
-        grad_w = torch.zeros_like(words)
-        if grad_w.numel() and n_img * n_reg:
-            _bwd_dw[lambda meta: (triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p)),
-                                  triton.cdiv(dim, meta["BLOCK_D"]))](
-                regions, grad_scores, argmax, grad_w,
-                n_img, n_sent, n_reg, n_wrd, dim,
-                *regions.stride(), *grad_scores.stride(), *grad_w.stride(),
-                R_P=r_p, T_P=t_p, **flags,
-            )
+        _bwd_dw[lambda meta: (triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p, n_wrd)),
+                              triton.cdiv(dim, meta["BLOCK_D"]))](
+            regions, coef, argmax, grad_w,
+            n_img, n_sent, n_reg, n_wrd, dim,
+            *regions.stride(), *grad_w.stride(),
+            R_P=r_p, T_P=t_p, **flags,
+        )
     return grad_v, grad_w
 
 

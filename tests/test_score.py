@@ -171,10 +171,14 @@ def test_default_backend_by_device(monkeypatch):
     monkeypatch.delenv("DSALIGN_SCORE_BACKEND", raising=False)
     assert resolve_backend(None, torch.device("cpu")) == "torch_chunked"
     monkeypatch.setattr(score_mod, "_triton_importable", lambda: True)
-    assert resolve_backend(None, torch.device("cuda")) == "triton"
+    assert resolve_backend(None, torch.device("cuda"), torch.bfloat16) == "triton"
+    assert resolve_backend(None, torch.device("cuda"), torch.float16) == "triton"
+    # exact fp32 on the FMA units measured 3x slower than cuBLAS blocks; float64 has no kernel
+    assert resolve_backend(None, torch.device("cuda"), torch.float32) == "torch_chunked"
     assert resolve_backend(None, torch.device("cuda"), torch.float64) == "torch_chunked"
+    assert resolve_backend("triton", torch.device("cuda"), torch.float32) == "triton"
     monkeypatch.setattr(score_mod, "_triton_importable", lambda: False)
-    assert resolve_backend(None, torch.device("cuda")) == "torch_chunked"
+    assert resolve_backend(None, torch.device("cuda"), torch.bfloat16) == "torch_chunked"
 
 
 def test_env_var_and_explicit_argument(monkeypatch):

@@ -2,8 +2,8 @@
 
 Tolerances, relative to the largest reference magnitude: fp32 inputs 1e-5 for S and both gradients (fp32
 accumulation; on a GPU with TF32 enabled expect ~1e-3). bf16 inputs are compared with the reference evaluated
-on the same bf16-rounded values: S is fp32 (exact bf16 products, fp32 sums) so 1e-5; the gradients are stored
-in bf16 and, on GPU, built from dL/dS rounded to bf16, so 2^-7.
+on the same bf16-rounded values: S is fp32 (exact bf16 products, fp32 sums) so 1e-5; the gradients are built
+from dL/dS rounded to bf16 and stored in bf16, two roundings of at most 2^-8 each, so 2^-6.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from score_reference import ragged_inputs, reference  # noqa: E402
 from dsalign.ops import score, word_region_similarity  # noqa: E402
 
 DEVICE = "cpu" if interpreted() or not torch.cuda.is_available() else "cuda"
-# (B_img, B_sent, R, T, D). The interpreter config tiles 64 rows x 64 columns, so R = T = 20 (padded to 32)
-# gives 2 images x 2 sentences per program and a 3 x 3 grid for (5, 6); D = 70 is not a multiple of the
-# 32-wide D-chunk; R = T = 64 fills a tile with one pair; (20, 19, 3, 3) needs 2 x 2 tiles of 16 x 16 pairs;
-# R = 100 (padded to 128) exceeds the 64-row tile, which then grows to one image.
-SHAPES = [(3, 4, 5, 7, 40), (1, 3, 1, 1, 16), (5, 6, 20, 20, 70), (2, 3, 64, 64, 24), (20, 19, 3, 3, 33),
-          (2, 2, 100, 3, 16)]
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2**-7)}
+# (B_img, B_sent, R, T, D). The interpreter config tiles 64 rows x 64 columns, images packed R rows apart and
+# sentences T columns apart: R = T = 20 gives 3 images x 3 sentences per tile and a 2 x 2 grid for (5, 6);
+# (13, 11, 9, 13) gives 7 images x 4 sentences per tile with part-filled last tiles both ways; D = 70 is not a
+# multiple of the 32-wide D-chunk; R = T = 64 fills a tile with one pair; (20, 19, 3, 3) packs 21 per tile;
+# R = 100 exceeds the 64-row tile, which then grows to 128 rows holding one image.
+SHAPES = [(3, 4, 5, 7, 40), (1, 3, 1, 1, 16), (5, 6, 20, 20, 70), (13, 11, 9, 13, 20), (2, 3, 64, 64, 24),
+          (20, 19, 3, 3, 33), (2, 2, 100, 3, 16)]
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2**-6)}
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
@@ -39,8 +40,8 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
 
 
 def run(regions, region_mask, words, word_mask, grad, save_argmax=True):
-    v = regions.to(DEVICE).requires_grad_()
-    w = words.to(DEVICE).requires_grad_()
+    v = regions.to(DEVICE).detach().requires_grad_()  # a fresh leaf: .grad never carries over
+    w = words.to(DEVICE).detach().requires_grad_()
     s = maxsim_score(v, region_mask.to(DEVICE), w, word_mask.to(DEVICE), save_argmax=save_argmax)
     s.backward(grad.to(DEVICE, torch.float32))
     return s, v.grad, w.grad
@@ -50,7 +51,7 @@ def run(regions, region_mask, words, word_mask, grad, save_argmax=True):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_matches_reference(shape, dtype):
     regions, region_mask, words, word_mask = ragged_inputs(*shape, dtype=dtype, seed=sum(shape))
-    grad = torch.randn(shape[0], shape[1], dtype=torch.float64)
+    grad = torch.randn(shape[0], shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     s, gv, gw = run(regions, region_mask, words, word_mask, grad)
     ref_s, ref_gv, ref_gw = reference(regions, region_mask, words, word_mask, grad)
     s_tol, g_tol = TOLERANCES[dtype]
@@ -99,3 +100,30 @@ def test_empty_batch_and_argmax_dtypes():
     assert s.shape == (0, 2) and argmax.shape == (0, 2, 4)
     assert [_argmax_dtype(r) for r in (1, 128, 129, 32768, 40000)] == [
         torch.int8, torch.int8, torch.int16, torch.int16, torch.int32]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the GPU search space only compiles for a CUDA device")
+def test_every_gpu_config_matches_reference(monkeypatch):
+    """Each block-size config the autotuner may pick, forced in turn: a miscompiled tile shape must not hide
+    behind the autotuner choosing another one on the test's shapes."""
+    from dsalign.kernels import maxsim
+
+    regions, region_mask, words, word_mask = ragged_inputs(48, 32, 20, 20, 96, dtype=torch.float64, seed=3)
+    # Multiples of 1/8: every similarity is exact in fp32 whatever the order of accumulation, so the argmax
+    # regions (and with them the gradients) cannot differ from the reference by a near-tie.
+    regions, words = ((x * 8).round() / 8 for x in (regions, words))
+    regions, words = regions.to(torch.bfloat16), words.to(torch.bfloat16)
+    grad = torch.randn(48, 32, dtype=torch.float64)
+    want = reference(regions, region_mask, words, word_mask, grad)
+    s_tol, g_tol = TOLERANCES[torch.bfloat16]
+    failures = []
+    for fwd_space, bwd_space in zip(maxsim.FORWARD_SPACE, maxsim.BACKWARD_SPACE):
+        for tuner, space in ((maxsim._fwd, fwd_space), (maxsim._bwd_dv, bwd_space), (maxsim._bwd_dw, bwd_space)):
+            monkeypatch.setattr(tuner, "configs", maxsim._configs([space])[:1])
+            monkeypatch.setattr(tuner, "cache", {})
+        got = run(regions, region_mask, words, word_mask, grad)
+        errors = [((a.double().cpu() - e).abs().max() / max(e.abs().max().item(), 1.0)).item()
+                  for a, e in zip(got, want)]
+        if any(err > tol for err, tol in zip(errors, (s_tol, g_tol, g_tol))):
+            failures.append((fwd_space, bwd_space, errors))
+    assert not failures, f"(forward config, backward config, relative errors of S, dV, dW): {failures}"

@@ -18,7 +18,8 @@ Backends:
 - ``triton``: the fused kernel of ``dsalign.kernels`` (CUDA; CPU only under ``TRITON_INTERPRET=1``).
 
 Selection: the ``backend`` argument, else the environment variable ``DSALIGN_SCORE_BACKEND``, else by device
-(CUDA -> ``triton`` when triton imports and the dtype is fp32/fp16/bf16, otherwise ``torch_chunked``).
+(CUDA -> ``triton`` when triton imports and the dtype is fp16/bf16, otherwise ``torch_chunked``; ``triton``
+takes fp32 too when asked for).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ BACKENDS = ("torch", "torch_chunked", "triton")
 ENV_VAR = "DSALIGN_SCORE_BACKEND"
 DEFAULT_CHUNK_ELEMS = 1 << 22
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Picked by default for 16-bit inputs only: with exact fp32 (no TF32) the kernel's dots run on the FMA units and
+# measured 3x slower than torch_chunked's cuBLAS blocks on an H200 (docs/benchmarks.md).
+_TRITON_AUTO_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,7 +82,7 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     """Pick the backend: explicit argument > $DSALIGN_SCORE_BACKEND > device type."""
     name = backend or os.environ.get(ENV_VAR) or None
     if name is None:
-        if device.type == "cuda" and dtype in _TRITON_DTYPES and _triton_importable():
+        if device.type == "cuda" and dtype in _TRITON_AUTO_DTYPES and _triton_importable():
             return "triton"
         return "torch_chunked"
     if name not in BACKENDS:

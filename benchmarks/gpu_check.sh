@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One-shot check on a CUDA machine, in priority order, each step under its own time limit:
+#   1. the machine (nvidia-smi, torch/triton versions);
+#   2. the Triton MaxSim kernel and the score op against their references on CUDA (pytest);
+#   3. benchmarks/bench_score.py (GPU part);
+#   4. dsalign._C built with its CUDA sources (in the background from the start), and the CUDA Viterbi tests;
+#   5. bench_decode.py --device cuda, then bench_train.py (bf16).
+# Everything lands in OUT_DIR (default benchmarks/out/gpu): gpu_check.log and the benchmark JSONs, which a
+# run stopped early still holds up to its last measured row. Assumes torch with CUDA, triton and pytest are
+# importable; deepspeed/webdataset/efficientnet wheels for bench_train may be installed beforehand.
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     STEPS: comma list of env,tests,score,viterbi,decode,train
+# Limits: TESTS_LIMIT, SCORE_LIMIT, TRAIN_LIMIT (seconds); extra arguments: SCORE_ARGS, TRAIN_ARGS;
+# TRAIN_AUTOTUNE=0 trains on one Triton config (no autotuning inside the timed runs).
+set -u
+out=${1:-benchmarks/out/gpu}
+steps=${2:-env,tests,score,viterbi,decode,train}
+mkdir -p "$out"
+log="$out/gpu_check.log"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+# The source tree imports as installed: dsalign.kernels lives in kernels/ (setup.py's package_dir).
+[ -e dsalign/kernels ] || ln -s ../kernels dsalign/kernels
+
+wanted() { [[ ",$steps," == *",$1,"* ]]; }
+
+step() {  # step NAME SECONDS CMD...: run with a limit, append to the log, report rc and time
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$log"
+    return $rc
+}
+
+if wanted env; then
+    step env 60 bash -c "nvidia-smi; $py -c 'import torch, triton; print(torch.__version__, triton.__version__, \
+torch.cuda.get_device_name(), torch.version.cuda)'; nproc; free -g"
+fi
+if wanted viterbi; then  # compile in the background while the kernel tests run
+    (MAX_JOBS=${MAX_JOBS:-12} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} DSALIGN_BUILD_CUDA=1 \
+        timeout 400 $py setup.py -q build_ext --inplace >"$out/build.txt" 2>&1; echo "build rc=$?" >>"$out/build.txt") &
+    build=$!
+fi
+if wanted tests; then
+    DSALIGN_TRITON_AUTOTUNE=0 step tests "${TESTS_LIMIT:-150}" $py -m pytest -q -x -p no:cacheprovider \
+        tests/test_score_triton.py tests/test_score.py
+fi
+if wanted score; then
+    step score "${SCORE_LIMIT:-300}" $py benchmarks/bench_score.py --out "$out/score_cuda.json" ${SCORE_ARGS:-}
+fi
+if wanted viterbi; then
+    wait "$build"
+    cat "$out/build.txt" >>"$log" && rm "$out/build.txt"
+    # CUDA against CPU first: on 2026-11-30 a bad-input test crashed the process (segfault) before these ran.
+    step viterbi 90 $py -m pytest -q -p no:cacheprovider tests/test_viterbi.py -k cuda
+    step viterbi_rest 90 $py -m pytest -q -p no:cacheprovider tests/test_viterbi.py tests/test_snippet_align.py \
+        -k "not cuda"
+fi
+if wanted decode; then
+    step decode 90 $py benchmarks/bench_decode.py --device cuda --out "$out/decode_cuda.json"
+fi
+if wanted train; then
+    DSALIGN_TRITON_AUTOTUNE=${TRAIN_AUTOTUNE:-1} step train "${TRAIN_LIMIT:-180}" $py benchmarks/bench_train.py --out "$out/train_cuda.json" ${TRAIN_ARGS:-}
+fi
+echo "=== done" | tee -a "$log"
