@@ -53,7 +53,9 @@ fi
 if wanted viterbi; then
     wait "$build"
     cat "$out/build.txt" >>"$log" && rm "$out/build.txt"
-    # CUDA against CPU first: on 2026-11-30 a bad-input test crashed the process (segfault) before these ran.
+    # CUDA against CPU first: on 2026-11-30 a bad-input test crashed the process (segfault) before these ran;
+    # the toolchain and the libraries the op links decide whether a C++ exception can cross into torch.
+    step toolchain 30 bash -c "command -v c++ g++; g++ --version | head -1; ldd dsalign/_C*.so"
     step viterbi 90 $py -m pytest -q -p no:cacheprovider tests/test_viterbi.py -k cuda
     step viterbi_rest 90 $py -m pytest -q -p no:cacheprovider tests/test_viterbi.py tests/test_snippet_align.py \
         -k "not cuda"

@@ -9,7 +9,6 @@ half-written one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dsalign.hashing import file_sha256
 from dsalign.models.alignment import AlignmentConfig, AlignmentModel
 from dsalign.models.generator import CaptionGenerator, GeneratorConfig
 from dsalign.text import Vocabulary
@@ -52,11 +52,6 @@ class Bundle:
     format: str = ALIGNMENT_FORMAT
     sha256: dict = field(default_factory=dict)  # of the weights and vocabulary files: the bundle's identity
     path: Path | None = None  # the folder it was loaded from (where a retrieval bank may sit beside it)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes: how bundles (and the retrieval bank beside one) record their files."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_bundle(model: AlignmentModel, vocab: Vocabulary, out_dir: str | Path, features: dict | None = None,

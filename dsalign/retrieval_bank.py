@@ -18,8 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dsalign.bundle import WEIGHTS, Bundle, BundleError, file_sha256
+from dsalign.bundle import WEIGHTS, Bundle, BundleError
 from dsalign.eval.bank_norm import bank_prior
+from dsalign.hashing import file_sha256
 from dsalign.models.alignment import AlignmentModel
 from dsalign.ops.score import score_matrix
 

@@ -18,7 +18,6 @@ its optimizer state (partitioned for ZeRO 1/2, so resuming needs the same world 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from dsalign.hashing import file_sha256
 
 CHECKPOINT_FORMAT = "dsalign-checkpoint/1"
 PREFIX = "step_"
@@ -41,14 +42,6 @@ class CheckpointError(ValueError):
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:09d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomic_bytes(path: Path, data: bytes) -> None:
@@ -93,7 +86,7 @@ def save_checkpoint(root: str | Path, step: int, rank: int, world_size: int, ran
     final = root / name
     if rank == 0:
         files = [MODEL_FILE] + [rank_file(r) for r in range(world_size)]
-        listing = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}
+        listing = {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in files}
         record = {"format": CHECKPOINT_FORMAT, "step": step, "world_size": world_size, "files": listing, **meta}
         _write_atomic_bytes(tmp / META, json.dumps(record, indent=2, sort_keys=True).encode())
         if final.exists():  # a checkpoint of the same step from a run that was later resumed earlier
@@ -139,7 +132,7 @@ def read_meta(path: str | Path, verify: bool = True) -> dict:
         file = path / name
         if not file.is_file() or file.stat().st_size != info["bytes"]:
             raise CheckpointError(f"checkpoint {path}: {name} is missing or has the wrong size")
-        if verify and _sha256(file) != info["sha256"]:
+        if verify and file_sha256(file) != info["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its recorded SHA-256")
     return meta
 
