@@ -6,7 +6,9 @@ the next power of two above R or T when one image or sentence does not fit). A s
 D-chunks gives every region-word similarity of the tile in registers; the max over an image's regions is a
 masked column max (with argmax) and the sum over a sentence's words a masked row sum. Nothing is padded to a
 power of two per image or sentence, so at R = T = 20 a 128 x 128 tile spends 88% of its products on real
-pairs (39% with 32 x 32 padding per pair). The 4-D similarity tensor never exists in memory.
+pairs (39% with 32 x 32 padding per pair). The 4-D similarity tensor never exists in memory. The tile can also
+be computed transposed (``WORDS_AS_ROWS``: words x regions), which turns the max over regions into a reduction
+within a warp (8 barriers and 25 shuffles in the sm_90 code instead of 37 and 390); the autotuner times both.
 
 Masking: padded/unreal regions are -inf before the max; padded words and images without any real region
 contribute 0 after it (so such pairs score 0 and get zero gradient).
@@ -43,7 +45,8 @@ def _maxsim_fwd_kernel(
     s_vb, s_vr, s_vd, s_wb, s_wt, s_wd, s_sb, s_ss,
     R_P: tl.constexpr, T_P: tl.constexpr,
     STORE_ARGMAX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr = 8,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORDS_AS_ROWS: tl.constexpr = False,
+    GROUP: tl.constexpr = 8,
 ):
     M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P  # grows to one image when R > BLOCK_M
     N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
@@ -71,33 +74,52 @@ def _maxsim_fwd_kernel(
     wrd = cols - local_snt * T
     col_ok = (local_snt < spt) & (snt < n_sent)
 
-    v_ptr = V + img.to(tl.int64)[:, None] * s_vb + reg[:, None] * s_vr
-    w_ptr = W + snt.to(tl.int64)[None, :] * s_wb + wrd[None, :] * s_wt
-    acc = tl.zeros((M, N), dtype=tl.float32)
+    v_ptr = V + img.to(tl.int64)[:, None] * s_vb + reg[:, None] * s_vr  # [M, 1]
+    w_ptr = W + snt.to(tl.int64)[:, None] * s_wb + wrd[:, None] * s_wt  # [N, 1]
+    # WORDS_AS_ROWS computes the transposed tile (words x regions): the max over an image's regions is then a
+    # reduction along a row, within a warp, instead of one across the warps that hold the tile's rows. The
+    # autotuner measures both orientations.
+    acc = tl.zeros((N, M), dtype=tl.float32) if WORDS_AS_ROWS else tl.zeros((M, N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        v = tl.load(v_ptr + dd[None, :] * s_vd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + dd[:, None] * s_wd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(v, w, acc, input_precision=PRECISION)
+        if WORDS_AS_ROWS:
+            w = tl.load(w_ptr + dd[None, :] * s_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(tl.trans(v_ptr) + dd[:, None] * s_vd, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(w, v, acc, input_precision=PRECISION)
+        else:
+            v = tl.load(v_ptr + dd[None, :] * s_vd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(tl.trans(w_ptr) + dd[:, None] * s_wd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(v, w, acc, input_precision=PRECISION)
 
     real_r = tl.load(VM + img.to(tl.int64) * R + reg, mask=row_ok, other=0) != 0
-    acc = tl.where(real_r[:, None], acc, float("-inf"))
     real_w = tl.load(WM + snt.to(tl.int64) * T + wrd, mask=col_ok, other=0) != 0
     s_local = tl.arange(0, SPT_P)
-    member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]
     ts = pid_s * spt + s_local
     s_ok = (s_local < spt) & (ts < n_sent)
-    # Images are packed R rows apart (no padding to a power of two), so the max over an image's regions is a
-    # masked column max per image of the tile and the sum over a sentence's words a masked row sum.
+    if WORDS_AS_ROWS:
+        acc = tl.where(real_r[None, :], acc, float("-inf"))
+        member = (local_snt[:, None] == s_local[None, :]) & real_w[:, None]
+    else:
+        acc = tl.where(real_r[:, None], acc, float("-inf"))
+        member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]
+    # Images are packed R apart (no padding to a power of two), so the max over an image's regions is a masked
+    # max per image of the tile and the sum over a sentence's words a masked sum.
     for j in range(0, tl.minimum(ipt, n_img - pid_i * ipt)):
         mine = local_img == j
-        best, arg = tl.max(tl.where(mine[:, None], acc, float("-inf")), axis=0, return_indices=True)
         has_region = tl.sum((mine & real_r).to(tl.int32), axis=0) > 0
-        score = tl.sum(tl.where(member & has_region, best[None, :], 0.0), axis=1)
+        if WORDS_AS_ROWS:
+            best, arg = tl.max(tl.where(mine[None, :], acc, float("-inf")), axis=1, return_indices=True)
+            score = tl.sum(tl.where(member & has_region, best[:, None], 0.0), axis=0)
+        else:
+            best, arg = tl.max(tl.where(mine[:, None], acc, float("-inf")), axis=0, return_indices=True)
+            score = tl.sum(tl.where(member & has_region, best[None, :], 0.0), axis=1)
         k = (pid_i * ipt + j).to(tl.int64)
         tl.store(S + k * s_sb + ts * s_ss, score.to(S.dtype.element_ty), mask=s_ok)
         if STORE_ARGMAX:
@@ -203,30 +225,35 @@ def interpreted() -> bool:
     return isinstance(_maxsim_fwd_kernel, InterpretedFunction)
 
 
-# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). The forward is a GEMM over D with a
-# max/sum epilogue. The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide
-# D-chunks (up to 256) amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N
-# words, for dW it is BLOCK_N rows x BLOCK_D over BLOCK_M regions.
+# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, WORDS_AS_ROWS]): BLOCK_M rows of
+# regions, BLOCK_N columns of words. The forward is a GEMM over D with a max/sum epilogue, in either orientation.
+# The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide D-chunks (up to 256)
+# amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N words, for dW it is
+# BLOCK_N rows x BLOCK_D over BLOCK_M regions.
 FORWARD_SPACE = [
-    (64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 2), (256, 128, 64, 8, 3),
+    (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 4, False), (128, 64, 64, 4, 4, False), (128, 128, 64, 8, 3, False),
+    (128, 128, 64, 8, 4, False), (128, 256, 64, 8, 3, False), (128, 128, 128, 8, 2, False), (256, 128, 64, 8, 3, False),
+    (128, 64, 64, 4, 4, True), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True), (256, 128, 64, 8, 3, True),
+    (128, 256, 64, 8, 3, True),
 ]
 BACKWARD_SPACE = [
     (64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 128, 128, 8, 3),
     (128, 64, 256, 8, 3), (64, 128, 256, 8, 3), (128, 128, 128, 8, 3), (64, 64, 256, 8, 4),
 ]
+FORWARD_FLAGS = ("WORDS_AS_ROWS",)
 
 
-def _configs(space: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """The autotuner's configs: one large tile under the interpreter (few big programs run fastest), and one
-    GPU config when ``DSALIGN_TRITON_AUTOTUNE=0`` (correctness runs over many shapes would otherwise compile
-    and time every config for each)."""
+def _configs(space: list[tuple], flags: tuple[str, ...] = ()) -> list[triton.Config]:
+    """The autotuner's configs (``flags`` name the constexprs after the five sizes): one large tile under the
+    interpreter (few big programs run fastest), and one GPU config when ``DSALIGN_TRITON_AUTOTUNE=0``
+    (correctness runs over many shapes would otherwise compile and time every config for each)."""
     if interpreted():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32})]
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         space = space[:1]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-            for bm, bn, bd, w, st in space]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, **dict(zip(flags, rest))},
+                          num_warps=w, num_stages=st)
+            for bm, bn, bd, w, st, *rest in space]
 
 
 def _prune_for_precision(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -242,8 +269,8 @@ _PRUNE = {"early_config_prune": _prune_for_precision}
 # Batch sizes are part of the key: the best tile for a 64 x 64 check differs from a 4096 x 4096 batch, and a
 # training run sees only a few distinct sizes.
 _KEY = ["n_img", "n_sent", "R", "T", "D", "UPCAST", "PRECISION"]
-_fwd = triton.autotune(configs=_configs(FORWARD_SPACE), key=[*_KEY, "STORE_ARGMAX"], prune_configs_by=_PRUNE)(
-    _maxsim_fwd_kernel)
+_fwd = triton.autotune(configs=_configs(FORWARD_SPACE, FORWARD_FLAGS), key=[*_KEY, "STORE_ARGMAX"],
+                       prune_configs_by=_PRUNE)(_maxsim_fwd_kernel)
 _bwd_dv = triton.autotune(configs=_configs(BACKWARD_SPACE), key=_KEY, prune_configs_by=_PRUNE)(
     _maxsim_bwd_dv_kernel)
 _bwd_dw = triton.autotune(configs=_configs(BACKWARD_SPACE), key=_KEY, prune_configs_by=_PRUNE)(

@@ -102,6 +102,33 @@ def test_empty_batch_and_argmax_dtypes():
         torch.int8, torch.int8, torch.int16, torch.int16, torch.int32]
 
 
+def force_config(monkeypatch, tuner, config) -> None:
+    """Make an autotuned kernel run one config (its cache of choices emptied, both restored after the test)."""
+    monkeypatch.setattr(tuner, "configs", [config])
+    monkeypatch.setattr(tuner, "cache", {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_orientations_agree(monkeypatch, dtype):
+    """The forward computes its tile as regions x words or, transposed, words x regions (the autotuner picks the
+    faster): both must give the reference scores and, through the argmax, the reference gradients."""
+    import triton
+    from dsalign.kernels import maxsim
+
+    regions, region_mask, words, word_mask = ragged_inputs(13, 11, 9, 13, 40, dtype=dtype, seed=5)
+    grad = torch.randn(13, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    want = reference(regions, region_mask, words, word_mask, grad)
+    s_tol, g_tol = TOLERANCES[dtype]
+    base = maxsim._configs(maxsim.FORWARD_SPACE, maxsim.FORWARD_FLAGS)[0]
+    for words_as_rows in (False, True):
+        config = triton.Config({**base.kwargs, "WORDS_AS_ROWS": words_as_rows}, num_warps=base.num_warps,
+                               num_stages=base.num_stages)
+        force_config(monkeypatch, maxsim._fwd, config)
+        for actual, expected, tol in zip(run(regions, region_mask, words, word_mask, grad), want,
+                                         (s_tol, g_tol, g_tol)):
+            close(actual, expected, tol)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the GPU search space only compiles for a CUDA device")
 def test_every_gpu_config_matches_reference(monkeypatch):
     """Each block-size config the autotuner may pick, forced in turn: a miscompiled tile shape must not hide
@@ -117,10 +144,13 @@ def test_every_gpu_config_matches_reference(monkeypatch):
     want = reference(regions, region_mask, words, word_mask, grad)
     s_tol, g_tol = TOLERANCES[torch.bfloat16]
     failures = []
-    for fwd_space, bwd_space in zip(maxsim.FORWARD_SPACE, maxsim.BACKWARD_SPACE):
-        for tuner, space in ((maxsim._fwd, fwd_space), (maxsim._bwd_dv, bwd_space), (maxsim._bwd_dw, bwd_space)):
-            monkeypatch.setattr(tuner, "configs", maxsim._configs([space])[:1])
-            monkeypatch.setattr(tuner, "cache", {})
+    n_configs = max(len(maxsim.FORWARD_SPACE), len(maxsim.BACKWARD_SPACE))
+    for i in range(n_configs):
+        fwd_space = maxsim.FORWARD_SPACE[i % len(maxsim.FORWARD_SPACE)]
+        bwd_space = maxsim.BACKWARD_SPACE[i % len(maxsim.BACKWARD_SPACE)]
+        force_config(monkeypatch, maxsim._fwd, maxsim._configs([fwd_space], maxsim.FORWARD_FLAGS)[0])
+        force_config(monkeypatch, maxsim._bwd_dv, maxsim._configs([bwd_space])[0])
+        force_config(monkeypatch, maxsim._bwd_dw, maxsim._configs([bwd_space])[0])
         got = run(regions, region_mask, words, word_mask, grad)
         errors = [((a.double().cpu() - e).abs().max() / max(e.abs().max().item(), 1.0)).item()
                   for a, e in zip(got, want)]
