@@ -83,20 +83,16 @@ def _maxsim_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        if WORDS_AS_ROWS:
-            w = tl.load(w_ptr + dd[None, :] * s_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(tl.trans(v_ptr) + dd[:, None] * s_vd, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(w, v, acc, input_precision=PRECISION)
-        else:
-            v = tl.load(v_ptr + dd[None, :] * s_vd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(tl.trans(w_ptr) + dd[:, None] * s_wd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(v, w, acc, input_precision=PRECISION)
+        if WORDS_AS_ROWS:  # words [N, BLOCK_D] @ regions^T [BLOCK_D, M]
+            a = tl.load(w_ptr + dd[None, :] * s_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(tl.trans(v_ptr) + dd[:, None] * s_vd, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        else:  # regions [M, BLOCK_D] @ words^T [BLOCK_D, N]
+            a = tl.load(v_ptr + dd[None, :] * s_vd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            b = tl.load(tl.trans(w_ptr) + dd[:, None] * s_wd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     real_r = tl.load(VM + img.to(tl.int64) * R + reg, mask=row_ok, other=0) != 0
     real_w = tl.load(WM + snt.to(tl.int64) * T + wrd, mask=col_ok, other=0) != 0
