@@ -355,13 +355,13 @@ def maxsim_backward(regions: torch.Tensor, words: torch.Tensor, grad_scores: tor
     r_p = triton.next_power_of_2(max(n_reg, 1))
     t_p = triton.next_power_of_2(max(n_wrd, 1))
     flags = _launch_flags(regions.dtype)
-    # dL/dS laid out like the argmax, in the operand dtype: the kernels then read both with contiguous
-    # (vector) loads along the words instead of one scalar dL/dS per word.
-    coef = grad_scores.to(regions.dtype)[:, :, None].expand(n_img, n_sent, n_wrd).contiguous()
     grad_v = torch.zeros_like(regions) if need_regions else None
     grad_w = torch.zeros_like(words) if need_words else None
     if not (n_img and n_sent and n_reg and n_wrd):
         return grad_v, grad_w
+    # dL/dS laid out like the argmax, in the operand dtype: the kernels then read both with contiguous
+    # (vector) loads along the words instead of one scalar dL/dS per word.
+    coef = grad_scores.to(regions.dtype)[:, :, None].expand(n_img, n_sent, n_wrd).contiguous()
     if need_regions:
         _bwd_dv[lambda meta: (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p, n_reg)),
                               triton.cdiv(dim, meta["BLOCK_D"]))](
