@@ -241,6 +241,9 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
                             torch.cuda.empty_cache()
                             continue
                         row.update(ms=ms, tflops=flops * (3 if backward else 1) / ms / 1e9, peak_mem_mb=peak)
+                        if backend == "triton":  # which tile and layout the autotuner picked for each kernel
+                            from dsalign.kernels.maxsim import tuned_configs
+                            row["configs"] = tuned_configs()
                         if cpu_ms is not None:
                             row["cpu_ms"] = cpu_ms
                         report["results"].append(row)

@@ -19,7 +19,10 @@ dtype (int8 when R <= 128) with -1 for "contributes nothing", or recomputed -- a
 registers it forms the one-hot matrix ``P[(k,i), (l,t)] = G[k,l] * [argmax(k,l,t) == i]``; then
 ``dV = P @ W`` and ``dW = P^T @ V`` are ordinary GEMMs: one kernel owns an (image tile, D-chunk) block of dV
 and loops over all sentences, the other a (sentence tile, D-chunk) block of dW and loops over all images.
-Wide D-chunks amortise building P. No atomics, so gradients are bitwise deterministic run to run.
+Wide D-chunks amortise building P. With ``PAD_REGIONS`` the backward places images R_P rows apart instead,
+so P is expanded in registers from the argmax and dL/dS of each (image, word), read once, at the cost of MMA
+work on the padding rows; the autotuner times both layouts. No atomics, so gradients are bitwise deterministic
+run to run.
 
 Accumulation is fp32 for fp32/fp16/bf16 inputs and S is returned in fp32; the gradients come back in the
 input dtype (in the 16-bit backward the one-hot operand carries G rounded to that dtype). Under
@@ -36,6 +39,19 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 AUTOTUNE_ENV = "DSALIGN_TRITON_AUTOTUNE"
+
+
+@triton.jit
+def _region_rows(M: tl.constexpr, R, R_P: tl.constexpr, PAD_REGIONS: tl.constexpr):
+    """Tile row -> (image within the tile, region index, images per tile, row holds a region): images R rows
+    apart (packed), or R_P rows apart with ``PAD_REGIONS``."""
+    rows = tl.arange(0, M)
+    if PAD_REGIONS:
+        local_img = rows // R_P
+        reg = rows % R_P
+        return local_img, reg, M // R_P, reg < R
+    local_img = rows // R
+    return local_img, rows - local_img * R, M // R, local_img < M // R
 
 
 @triton.jit
@@ -63,11 +79,9 @@ def _maxsim_fwd_kernel(
     pid_i = first_i + (pid % in_group) % group_rows
     pid_s = (pid % in_group) // group_rows
 
-    rows = tl.arange(0, M)
-    local_img = rows // R
+    local_img, reg, _, row_in = _region_rows(M, R, R_P, False)
     img = pid_i * ipt + local_img
-    reg = rows - local_img * R
-    row_ok = (local_img < ipt) & (img < n_img)
+    row_ok = row_in & (img < n_img)
     cols = tl.arange(0, N)
     local_snt = cols // T
     snt = pid_s * spt + local_snt
@@ -129,21 +143,22 @@ def _maxsim_bwd_dv_kernel(
     n_img, n_sent, R, T, D,
     s_wb, s_wt, s_wd, s_db, s_dr, s_dd,
     R_P: tl.constexpr, T_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_REGIONS: tl.constexpr = False,
 ):
     M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P
     N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
-    ipt = M // R  # images per tile, R rows apart
     spt = N // T  # sentences per tile, T columns apart
     pid_i = tl.program_id(0)
     pid_d = tl.program_id(1)
-
-    rows = tl.arange(0, M)
-    local_img = rows // R
+    local_img, reg, ipt, row_in = _region_rows(M, R, R_P, PAD_REGIONS)
     img = pid_i * ipt + local_img
-    reg = rows - local_img * R
-    row_ok = (local_img < ipt) & (img < n_img)
-    a_row = img.to(tl.int64) * n_sent * T
+    row_ok = row_in & (img < n_img)
+    if PAD_REGIONS:  # the argmax and dL/dS are read once per (image, word) and expanded in registers
+        tile_img = pid_i * ipt + tl.arange(0, M // R_P)
+        tile_ok = tile_img < n_img
+        a_row = tile_img.to(tl.int64) * n_sent * T
+    else:  # one argmax and dL/dS read per (region, word), from cache
+        a_row = img.to(tl.int64) * n_sent * T
     cols = tl.arange(0, N)
     local_snt = cols // T
     wrd = cols - local_snt * T
@@ -154,11 +169,18 @@ def _maxsim_bwd_dv_kernel(
     for s0 in range(0, n_sent, spt):
         snt = s0 + local_snt
         col_ok = col_in & (snt < n_sent)
-        ok = row_ok[:, None] & col_ok[None, :]
         # P[(k, i), (l, t)] = G[k, l] if word t of sentence l took region i of image k, else 0.
         offs = a_row[:, None] + (s0 * T + cols)[None, :]
-        a = tl.load(A + offs, mask=ok, other=-1).to(tl.int32)
-        p = tl.where(a == reg[:, None], tl.load(C + offs, mask=ok, other=0.0), 0.0)
+        if PAD_REGIONS:
+            ok = tile_ok[:, None] & col_ok[None, :]
+            a = tl.load(A + offs, mask=ok, other=-1).to(tl.int32)
+            c = tl.load(C + offs, mask=ok, other=0.0)
+            p = tl.where(a[:, None, :] == tl.arange(0, R_P)[None, :, None], c[:, None, :], 0.0)
+            p = tl.reshape(p, (M, N))
+        else:
+            ok = row_ok[:, None] & col_ok[None, :]
+            a = tl.load(A + offs, mask=ok, other=-1).to(tl.int32)
+            p = tl.where(a == reg[:, None], tl.load(C + offs, mask=ok, other=0.0), 0.0)
         w = tl.load(W + snt.to(tl.int64)[:, None] * s_wb + wrd[:, None] * s_wt + dd[None, :] * s_wd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
@@ -176,11 +198,10 @@ def _maxsim_bwd_dw_kernel(
     n_img, n_sent, R, T, D,
     s_vb, s_vr, s_vd, s_db, s_dt, s_dd,
     R_P: tl.constexpr, T_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_REGIONS: tl.constexpr = False,
 ):
     M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P
     N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
-    ipt = M // R  # images per tile, R rows apart
     spt = N // T  # sentences per tile, T columns apart
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -191,20 +212,26 @@ def _maxsim_bwd_dw_kernel(
     wrd = cols - local_snt * T
     col_ok = (local_snt < spt) & (snt < n_sent)
     a_col = snt.to(tl.int64) * T + wrd
-    rows = tl.arange(0, M)
-    local_img = rows // R
-    reg = rows - local_img * R
-    row_in = local_img < ipt
+    local_img, reg, ipt, row_in = _region_rows(M, R, R_P, PAD_REGIONS)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
     acc = tl.zeros((N, BLOCK_D), dtype=tl.float32)
     for i0 in range(0, n_img, ipt):
         img = i0 + local_img
         row_ok = row_in & (img < n_img)
-        ok = col_ok[:, None] & row_ok[None, :]
-        offs = img.to(tl.int64)[None, :] * n_sent * T + a_col[:, None]
-        a = tl.load(A + offs, mask=ok, other=-1).to(tl.int32)
-        pt = tl.where(a == reg[None, :], tl.load(C + offs, mask=ok, other=0.0), 0.0)
+        if PAD_REGIONS:
+            tile_img = i0 + tl.arange(0, M // R_P)
+            ok = col_ok[:, None] & (tile_img < n_img)[None, :]
+            offs = tile_img.to(tl.int64)[None, :] * n_sent * T + a_col[:, None]
+            a = tl.load(A + offs, mask=ok, other=-1).to(tl.int32)
+            c = tl.load(C + offs, mask=ok, other=0.0)
+            pt = tl.where(a[:, :, None] == tl.arange(0, R_P)[None, None, :], c[:, :, None], 0.0)
+            pt = tl.reshape(pt, (N, M))
+        else:
+            ok = col_ok[:, None] & row_ok[None, :]
+            offs = img.to(tl.int64)[None, :] * n_sent * T + a_col[:, None]
+            a = tl.load(A + offs, mask=ok, other=-1).to(tl.int32)
+            pt = tl.where(a == reg[None, :], tl.load(C + offs, mask=ok, other=0.0), 0.0)
         v = tl.load(V + img.to(tl.int64)[:, None] * s_vb + reg[:, None] * s_vr + dd[None, :] * s_vd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
@@ -221,11 +248,15 @@ def interpreted() -> bool:
     return isinstance(_maxsim_fwd_kernel, InterpretedFunction)
 
 
-# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, WORDS_AS_ROWS]): BLOCK_M rows of
-# regions, BLOCK_N columns of words. The forward is a GEMM over D with a max/sum epilogue, in either orientation.
-# The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide D-chunks (up to 256)
-# amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N words, for dW it is
-# BLOCK_N rows x BLOCK_D over BLOCK_M regions.
+# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, flag): BLOCK_M rows of regions,
+# BLOCK_N columns of words. The forward is a GEMM over D with a max/sum epilogue, in either orientation
+# (flag WORDS_AS_ROWS). The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide
+# D-chunks amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N words, for dW it
+# is BLOCK_N rows x BLOCK_D over BLOCK_M regions. Their flag PAD_REGIONS places images R_P (a power of two) rows
+# apart instead of R: the MMA then wastes the padding rows (37% at R = 20), but the one-hot operand is expanded
+# in registers from one argmax and dL/dS load per (image, word) instead of one per (region, word), which in the
+# sm_90 code takes 3x fewer global loads and no register spills (every packed backward tile spills, 0.3-2.8 KB per
+# thread, ptxas of triton 3.8). The autotuner measures both.
 FORWARD_SPACE = [
     (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 4, False), (128, 64, 64, 4, 4, False), (128, 128, 64, 8, 3, False),
     (128, 128, 64, 8, 4, False), (128, 256, 64, 8, 3, False), (128, 128, 128, 8, 2, False), (256, 128, 64, 8, 3, False),
@@ -233,10 +264,12 @@ FORWARD_SPACE = [
     (128, 256, 64, 8, 3, True),
 ]
 BACKWARD_SPACE = [
-    (64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 128, 128, 8, 3),
-    (128, 64, 256, 8, 3), (64, 128, 256, 8, 3), (128, 128, 128, 8, 3), (64, 64, 256, 8, 4),
+    (64, 64, 64, 4, 3, False), (64, 64, 128, 4, 3, False), (128, 64, 128, 8, 3, False), (64, 128, 128, 8, 3, False),
+    (128, 64, 256, 8, 3, False), (64, 128, 256, 8, 3, False), (128, 128, 128, 8, 3, False), (64, 64, 256, 8, 4, False),
+    (128, 128, 64, 8, 3, True), (128, 64, 128, 8, 3, True), (128, 128, 64, 8, 4, True),
 ]
 FORWARD_FLAGS = ("WORDS_AS_ROWS",)
+BACKWARD_FLAGS = ("PAD_REGIONS",)
 
 
 def _configs(space: list[tuple], flags: tuple[str, ...] = ()) -> list[triton.Config]:
@@ -267,15 +300,23 @@ _PRUNE = {"early_config_prune": _prune_for_precision}
 _KEY = ["n_img", "n_sent", "R", "T", "D", "UPCAST", "PRECISION"]
 _fwd = triton.autotune(configs=_configs(FORWARD_SPACE, FORWARD_FLAGS), key=[*_KEY, "STORE_ARGMAX"],
                        prune_configs_by=_PRUNE)(_maxsim_fwd_kernel)
-_bwd_dv = triton.autotune(configs=_configs(BACKWARD_SPACE), key=_KEY, prune_configs_by=_PRUNE)(
+_bwd_dv = triton.autotune(configs=_configs(BACKWARD_SPACE, BACKWARD_FLAGS), key=_KEY, prune_configs_by=_PRUNE)(
     _maxsim_bwd_dv_kernel)
-_bwd_dw = triton.autotune(configs=_configs(BACKWARD_SPACE), key=_KEY, prune_configs_by=_PRUNE)(
+_bwd_dw = triton.autotune(configs=_configs(BACKWARD_SPACE, BACKWARD_FLAGS), key=_KEY, prune_configs_by=_PRUNE)(
     _maxsim_bwd_dw_kernel)
 
 
-def _per_tile(block: int, padded: int, count: int) -> int:
-    """Images (sentences) per tile: the kernels' tile height max(BLOCK, R_P) over R (width over T)."""
-    return max(block, padded) // count
+def tuned_configs() -> dict[str, str | None]:
+    """The config each kernel ran with in its latest autotuned launch (None before one): what a benchmark
+    records beside its timings, to tell which tile and layout won on that GPU."""
+    return {name: (str(tuner.best_config) if getattr(tuner, "best_config", None) else None)
+            for name, tuner in (("forward", _fwd), ("backward_dv", _bwd_dv), ("backward_dw", _bwd_dw))}
+
+
+def _per_tile(block: int, padded: int, count: int, pad: bool = False) -> int:
+    """Images (sentences) per tile: the kernels' tile height max(BLOCK, R_P) over R (width over T), or over
+    R_P when images are padded (``PAD_REGIONS``)."""
+    return max(block, padded) // (padded if pad else count)
 
 
 def _argmax_dtype(n_regions: int) -> torch.dtype:
@@ -363,8 +404,11 @@ def maxsim_backward(regions: torch.Tensor, words: torch.Tensor, grad_scores: tor
     # (vector) loads along the words instead of one scalar dL/dS per word.
     coef = grad_scores.to(regions.dtype)[:, :, None].expand(n_img, n_sent, n_wrd).contiguous()
     if need_regions:
-        _bwd_dv[lambda meta: (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p, n_reg)),
-                              triton.cdiv(dim, meta["BLOCK_D"]))](
+        def dv_grid(meta: dict) -> tuple[int, int]:
+            images = _per_tile(meta["BLOCK_M"], r_p, n_reg, meta.get("PAD_REGIONS", False))
+            return triton.cdiv(n_img, images), triton.cdiv(dim, meta["BLOCK_D"])
+
+        _bwd_dv[dv_grid](
             words, coef, argmax, grad_v,
             n_img, n_sent, n_reg, n_wrd, dim,
             *words.stride(), *grad_v.stride(),

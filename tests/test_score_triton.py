@@ -109,24 +109,31 @@ def force_config(monkeypatch, tuner, config) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_orientations_agree(monkeypatch, dtype):
-    """The forward computes its tile as regions x words or, transposed, words x regions (the autotuner picks the
-    faster): both must give the reference scores and, through the argmax, the reference gradients."""
+def test_tile_layouts_agree(monkeypatch, dtype):
+    """Both tile layouts the autotuner may pick must give the reference scores and gradients: the forward's tile
+    as regions x words or transposed (WORDS_AS_ROWS), the backward's images R or R_P rows apart (PAD_REGIONS;
+    R = 13 pads to 16, four images per interpreter tile; R = 40 pads to 64, one image per tile)."""
     import triton
     from dsalign.kernels import maxsim
 
-    regions, region_mask, words, word_mask = ragged_inputs(13, 11, 9, 13, 40, dtype=dtype, seed=5)
-    grad = torch.randn(13, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    want = reference(regions, region_mask, words, word_mask, grad)
+    def with_flag(config: triton.Config, flag: str, value: bool) -> triton.Config:
+        return triton.Config({**config.kwargs, flag: value}, num_warps=config.num_warps,
+                             num_stages=config.num_stages)
+
+    forward = maxsim._configs(maxsim.FORWARD_SPACE, maxsim.FORWARD_FLAGS)[0]
+    backward = maxsim._configs(maxsim.BACKWARD_SPACE, maxsim.BACKWARD_FLAGS)[0]
     s_tol, g_tol = TOLERANCES[dtype]
-    base = maxsim._configs(maxsim.FORWARD_SPACE, maxsim.FORWARD_FLAGS)[0]
-    for words_as_rows in (False, True):
-        config = triton.Config({**base.kwargs, "WORDS_AS_ROWS": words_as_rows}, num_warps=base.num_warps,
-                               num_stages=base.num_stages)
-        force_config(monkeypatch, maxsim._fwd, config)
-        for actual, expected, tol in zip(run(regions, region_mask, words, word_mask, grad), want,
-                                         (s_tol, g_tol, g_tol)):
-            close(actual, expected, tol)
+    for n_regions in (13, 40):
+        regions, region_mask, words, word_mask = ragged_inputs(13, 11, n_regions, 13, 40, dtype=dtype, seed=5)
+        grad = torch.randn(13, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+        want = reference(regions, region_mask, words, word_mask, grad)
+        for flag in (False, True):
+            force_config(monkeypatch, maxsim._fwd, with_flag(forward, "WORDS_AS_ROWS", flag))
+            for tuner in (maxsim._bwd_dv, maxsim._bwd_dw):
+                force_config(monkeypatch, tuner, with_flag(backward, "PAD_REGIONS", flag))
+            for actual, expected, tol in zip(run(regions, region_mask, words, word_mask, grad), want,
+                                             (s_tol, g_tol, g_tol)):
+                close(actual, expected, tol)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the GPU search space only compiles for a CUDA device")
@@ -149,8 +156,8 @@ def test_every_gpu_config_matches_reference(monkeypatch):
         fwd_space = maxsim.FORWARD_SPACE[i % len(maxsim.FORWARD_SPACE)]
         bwd_space = maxsim.BACKWARD_SPACE[i % len(maxsim.BACKWARD_SPACE)]
         force_config(monkeypatch, maxsim._fwd, maxsim._configs([fwd_space], maxsim.FORWARD_FLAGS)[0])
-        force_config(monkeypatch, maxsim._bwd_dv, maxsim._configs([bwd_space])[0])
-        force_config(monkeypatch, maxsim._bwd_dw, maxsim._configs([bwd_space])[0])
+        force_config(monkeypatch, maxsim._bwd_dv, maxsim._configs([bwd_space], maxsim.BACKWARD_FLAGS)[0])
+        force_config(monkeypatch, maxsim._bwd_dw, maxsim._configs([bwd_space], maxsim.BACKWARD_FLAGS)[0])
         got = run(regions, region_mask, words, word_mask, grad)
         errors = [((a.double().cpu() - e).abs().max() / max(e.abs().max().item(), 1.0)).item()
                   for a, e in zip(got, want)]
