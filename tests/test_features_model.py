@@ -49,13 +49,17 @@ def test_pretrained_weights_name_the_right_imagenet_class(backbone, photos):
     assert coffee_classes[0] in COFFEE_CLASSES and coffee_classes[1] in COFFEE_CLASSES, coffee_classes
 
 
-def test_whole_image_region_is_exactly_the_pooled_backbone_feature(backbone, photos):
-    featurizer = RegionFeaturizer(backbone, 224, "roi")
-    image = featurizer.to_input(photos[0]).unsqueeze(0)
+@pytest.mark.parametrize("pooling", ["roi", "crop"])
+def test_whole_image_region_is_exactly_the_pooled_backbone_feature(backbone, photos, pooling):
+    # In crop mode too: the whole image is seen at the full input size, not as a crop-size thumbnail.
+    featurizer = RegionFeaturizer(backbone, 224, pooling, crop_size=112)
+    images = torch.stack([featurizer.to_input(p) for p in photos])
     with torch.inference_mode():
-        reference = backbone.pool(backbone(image))
-    (region,) = featurizer(image, [np.array([WHOLE])])
-    torch.testing.assert_close(region, reference, atol=1e-5, rtol=1e-5)
+        reference = backbone.pool(backbone(images))
+    cat, coffee = featurizer(images, [np.array([WHOLE, CAT_A]), np.array([WHOLE])])
+    torch.testing.assert_close(cat[0], reference[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(coffee[0], reference[1], atol=1e-5, rtol=1e-5)
+    assert (cat[1] - cat[0]).abs().max() > 0.1  # the other region is not the whole image's feature
 
 
 @pytest.mark.parametrize("pooling", ["roi", "crop"])

@@ -38,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           f"(default {defaults.image_size}; 320 gives finer region features at ~2x the time)")
     cmd.add_argument("--pooling", choices=POOLINGS, default=defaults.pooling,
                      help="roi: one CNN pass per image, regions pooled from its feature map (fast, default); "
-                          "crop: one CNN pass per region crop of --crop-size pixels (slow, for comparison)")
+                          "crop: one CNN pass per region crop of --crop-size pixels and one per whole image at "
+                          "--image-size (~5x slower)")
     cmd.add_argument("--crop-size", type=bounded(int, 32), default=defaults.crop_size,
                      help=f"crop side for --pooling crop (default {defaults.crop_size})")
     cmd.add_argument("--box-geometry", action="store_true",
