@@ -35,7 +35,6 @@ import torch
 BACKENDS = ("torch", "torch_chunked", "triton")
 ENV_VAR = "DSALIGN_SCORE_BACKEND"
 DEFAULT_CHUNK_ELEMS = 1 << 22
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Picked by default for 16-bit inputs only: with exact fp32 (no TF32) the kernel's dots run on the FMA units and
 # measured 3x slower than torch_chunked's cuBLAS blocks on an H200 (docs/benchmarks.md).
 _TRITON_AUTO_DTYPES = (torch.float16, torch.bfloat16)
@@ -188,9 +187,7 @@ def _score_triton(regions: torch.Tensor, region_mask: torch.Tensor, words: torch
         raise RuntimeError(f"score backend 'triton' needs CUDA tensors (got {regions.device}); set "
                            "TRITON_INTERPRET=1 before triton is imported to run it on CPU (tests only, "
                            "slow), or use backend='torch_chunked'")
-    if regions.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"score backend 'triton' supports {_TRITON_DTYPES}, got {regions.dtype}")
-    return maxsim_score(regions, region_mask, words, word_mask)
+    return maxsim_score(regions, region_mask, words, word_mask)  # which checks shapes and dtypes
 
 
 def score(regions: torch.Tensor, region_mask: torch.Tensor | None, words: torch.Tensor,

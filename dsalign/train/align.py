@@ -23,8 +23,6 @@ from dsalign.train.config import TrainConfig
 from dsalign.train.distributed import alignment_loss
 from dsalign.train.loop import RunContext, TrainTask, fit
 
-RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-
 
 def pick_captions(tokens: torch.Tensor, token_mask: torch.Tensor, caption_mask: torch.Tensor,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,11 +107,11 @@ def evaluate_retrieval(model: AlignmentModel, loader: ShardLoader, captions_per_
 
 
 def retrieval_metrics(embedded: SplitEmbeddings, sims: torch.Tensor, captions_per_image: int) -> dict:
-    """recall_at_k of a split's score matrix as floats, plus ``rsum``, ``images`` and ``skipped_images``."""
+    """recall_at_k of a split's score matrix (with its ``rsum``) as floats, plus ``images`` and
+    ``skipped_images``."""
     from dsalign.eval.retrieval import recall_at_k
 
     result = {k: float(val) for k, val in recall_at_k(sims, captions_per_image=captions_per_image).items()}
-    result["rsum"] = sum(result[k] for k in RECALL_KEYS)
     result["images"] = float(embedded.regions.shape[0])
     result["skipped_images"] = float(embedded.skipped_images)
     return result

@@ -15,6 +15,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsalign.models.alignment import SIMILARITIES, WORD_OUTPUTS
+from dsalign.models.generator import CELLS
+from dsalign.models.losses import REDUCTIONS
+from dsalign.ops.score import BACKENDS
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the offending key."""
@@ -49,8 +54,8 @@ class ModelConfig:
     dropout: float = field(default=0.2, metadata=_spec(0.0, 0.99))
     freeze_word_embeddings: bool = False
     word_vectors: str | None = None
-    word_output: str = field(default="relu", metadata=_spec(choices=("relu", "linear")))
-    similarity: str = field(default="dot", metadata=_spec(choices=("dot", "cosine")))
+    word_output: str = field(default="relu", metadata=_spec(choices=WORD_OUTPUTS))
+    similarity: str = field(default="dot", metadata=_spec(choices=SIMILARITIES))
 
 
 @dataclass
@@ -64,7 +69,7 @@ class LossConfig:
     margin: float = field(default=1.0, metadata=_spec(0.0))
     hardest_negative: bool = False
     hardest_negative_after: int = field(default=0, metadata=_spec(0))
-    reduction: str = field(default="sum", metadata=_spec(choices=("sum", "mean")))
+    reduction: str = field(default="sum", metadata=_spec(choices=REDUCTIONS))
 
     def hardest_at(self, step: int) -> bool:
         """Whether the loss after ``step`` optimizer steps takes the hardest negative only."""
@@ -118,7 +123,7 @@ class TrainLoopConfig:
     eval_every: int = field(default=200, metadata=_spec(0))
     checkpoint_every: int = field(default=200, metadata=_spec(0))
     keep_checkpoints: int = field(default=3, metadata=_spec(1))
-    score_backend: str | None = field(default=None, metadata=_spec(choices=("torch", "torch_chunked", "triton")))
+    score_backend: str | None = field(default=None, metadata=_spec(choices=BACKENDS))
     threads: int | None = field(default=None, metadata=_spec(1))
     device: str = field(default="auto", metadata=_spec())
 
@@ -183,7 +188,7 @@ class CaptionDataConfig:
 class GeneratorModelConfig:
     """See :class:`dsalign.models.generator.GeneratorConfig`: cell rnn is the paper's ReLU RNN."""
 
-    cell: str = field(default="lstm", metadata=_spec(choices=("rnn", "lstm")))
+    cell: str = field(default="lstm", metadata=_spec(choices=CELLS))
     word_dim: int = field(default=256, metadata=_spec(1))
     hidden_dim: int = field(default=512, metadata=_spec(1))
     dropout: float = field(default=0.5, metadata=_spec(0.0, 0.99))
