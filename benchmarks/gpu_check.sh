@@ -48,7 +48,7 @@ if wanted viterbi; then  # compile in the background while the kernel tests run
     build=$!
 fi
 if wanted tests; then
-    DSALIGN_TRITON_AUTOTUNE=0 step tests "${TESTS_LIMIT:-200}" $py -m pytest -q -x -p no:cacheprovider \
+    DSALIGN_TRITON_AUTOTUNE=0 step tests "${TESTS_LIMIT:-240}" $py -m pytest -q -x -p no:cacheprovider \
         tests/test_score_triton.py tests/test_score.py
 fi
 if wanted score; then

@@ -9,6 +9,9 @@ power of two per image or sentence, so at R = T = 20 a 128 x 128 tile spends 88%
 pairs (39% with 32 x 32 padding per pair). The 4-D similarity tensor never exists in memory. The tile can also
 be computed transposed (``WORDS_AS_ROWS``: words x regions), which turns the max over regions into a reduction
 within a warp (8 barriers and 25 shuffles in the sm_90 code instead of 37 and 390); the autotuner times both.
+On sm_90+ the operands can also arrive by TMA (``USE_TMA``): host-made descriptors of the [B_img * R, D] and
+[B_sent * T, D] row views, one block per tile starting at its first image / sentence (rows that run into the
+next ones are masked like padding), so the main loop holds no per-element addresses.
 
 Masking: padded/unreal regions are -inf before the max; padded words and images without any real region
 contribute 0 after it (so such pairs score 0 and get zero gradient).
@@ -38,6 +41,11 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+try:  # triton >= 3.4: tensor-memory-accelerator (TMA) descriptors built on the host
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 AUTOTUNE_ENV = "DSALIGN_TRITON_AUTOTUNE"
 
 
@@ -56,13 +64,13 @@ def _region_rows(M: tl.constexpr, R, R_P: tl.constexpr, PAD_REGIONS: tl.constexp
 
 @triton.jit
 def _maxsim_fwd_kernel(
-    V, VM, W, WM, S, A,
+    V, VM, W, WM, S, A, V_DESC, W_DESC,
     n_img, n_sent, R, T, D,
     s_vb, s_vr, s_vd, s_wb, s_wt, s_wd, s_sb, s_ss,
     R_P: tl.constexpr, T_P: tl.constexpr,
     STORE_ARGMAX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORDS_AS_ROWS: tl.constexpr = False,
-    GROUP: tl.constexpr = 8,
+    USE_TMA: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
     M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P  # grows to one image when R > BLOCK_M
     N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
@@ -97,7 +105,14 @@ def _maxsim_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        if WORDS_AS_ROWS:  # words [N, BLOCK_D] @ regions^T [BLOCK_D, M]
+        if USE_TMA:  # tensor-memory-accelerator copies of [rows, D] views: no per-element addresses in registers
+            # The blocks start at the tile's first image / sentence and may run into the next ones; those rows
+            # are masked below like padding (the hardware fills rows and columns past the end with zeros).
+            v_blk = V_DESC.load([pid_i * ipt * R, d0])
+            w_blk = W_DESC.load([pid_s * spt * T, d0])
+            a = w_blk if WORDS_AS_ROWS else v_blk
+            b = tl.trans(v_blk if WORDS_AS_ROWS else w_blk)
+        elif WORDS_AS_ROWS:  # words [N, BLOCK_D] @ regions^T [BLOCK_D, M]
             a = tl.load(w_ptr + dd[None, :] * s_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             b = tl.load(tl.trans(v_ptr) + dd[:, None] * s_vd, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
         else:  # regions [M, BLOCK_D] @ words^T [BLOCK_D, N]
@@ -248,27 +263,30 @@ def interpreted() -> bool:
     return isinstance(_maxsim_fwd_kernel, InterpretedFunction)
 
 
-# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, flag): BLOCK_M rows of regions,
+# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, flags...): BLOCK_M rows of regions,
 # BLOCK_N columns of words. The forward is a GEMM over D with a max/sum epilogue, in either orientation
-# (flag WORDS_AS_ROWS). The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide
-# D-chunks amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N words, for dW it
-# is BLOCK_N rows x BLOCK_D over BLOCK_M regions. Their flag PAD_REGIONS places images R_P (a power of two) rows
-# apart instead of R: the MMA then wastes the padding rows (37% at R = 20), but the one-hot operand is expanded
-# in registers from one argmax and dL/dS load per (image, word) instead of one per (region, word), which in the
-# sm_90 code takes 3x fewer global loads and no register spills (every packed backward tile spills, 0.3-2.8 KB per
-# thread, ptxas of triton 3.8). The autotuner measures both.
+# (WORDS_AS_ROWS), its operands read through pointers (cp.async) or TMA descriptors (USE_TMA: no per-element
+# address arithmetic; dropped when the inputs cannot have descriptors). The backward kernels rebuild their one-hot
+# operand for every D-chunk they own, so wide D-chunks amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and
+# the loop runs over BLOCK_N words, for dW it is BLOCK_N rows x BLOCK_D over BLOCK_M regions. PAD_REGIONS places
+# images R_P (a power of two) rows apart instead of R: the MMA then wastes the padding rows (37% at R = 20), but
+# the one-hot operand is expanded in registers from one argmax and dL/dS load per (image, word) instead of one
+# per (region, word): compiled for sm_90 (triton 3.8), 2-4 global load instructions instead of 32-128 and
+# 124-171 registers without spills, where 6 of the 16 packed tiles spill. The autotuner measures all of them.
 FORWARD_SPACE = [
-    (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 4, False), (128, 64, 64, 4, 4, False), (128, 128, 64, 8, 3, False),
-    (128, 128, 64, 8, 4, False), (128, 256, 64, 8, 3, False), (128, 128, 128, 8, 2, False), (256, 128, 64, 8, 3, False),
-    (128, 64, 64, 4, 4, True), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True), (256, 128, 64, 8, 3, True),
-    (128, 256, 64, 8, 3, True),
+    (64, 64, 64, 4, 3, False, False), (64, 128, 64, 4, 4, False, False), (128, 64, 64, 4, 4, False, False),
+    (128, 128, 64, 8, 3, False, False), (128, 128, 64, 8, 4, False, False), (128, 256, 64, 8, 3, False, False),
+    (128, 128, 128, 8, 2, False, False), (256, 128, 64, 8, 3, False, False),
+    (128, 64, 64, 4, 4, True, False), (128, 128, 64, 8, 3, True, False), (128, 128, 64, 8, 4, True, False),
+    (256, 128, 64, 8, 3, True, False), (128, 256, 64, 8, 3, True, False),
+    (128, 128, 64, 8, 3, False, True), (128, 128, 64, 8, 4, False, True), (128, 128, 64, 8, 3, True, True),
 ]
 BACKWARD_SPACE = [
     (64, 64, 64, 4, 3, False), (64, 64, 128, 4, 3, False), (128, 64, 128, 8, 3, False), (64, 128, 128, 8, 3, False),
     (128, 64, 256, 8, 3, False), (64, 128, 256, 8, 3, False), (128, 128, 128, 8, 3, False), (64, 64, 256, 8, 4, False),
     (128, 128, 64, 8, 3, True), (128, 64, 128, 8, 3, True), (128, 128, 64, 8, 4, True),
 ]
-FORWARD_FLAGS = ("WORDS_AS_ROWS",)
+FORWARD_FLAGS = ("WORDS_AS_ROWS", "USE_TMA")
 BACKWARD_FLAGS = ("PAD_REGIONS",)
 
 
@@ -276,22 +294,48 @@ def _configs(space: list[tuple], flags: tuple[str, ...] = ()) -> list[triton.Con
     """The autotuner's configs (``flags`` name the constexprs after the five sizes): one large tile under the
     interpreter (few big programs run fastest), and one GPU config when ``DSALIGN_TRITON_AUTOTUNE=0``
     (correctness runs over many shapes would otherwise compile and time every config for each)."""
+    hook = _tma_block_shapes if "USE_TMA" in flags else None
     if interpreted():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32})]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, pre_hook=hook)]
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         space = space[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, **dict(zip(flags, rest))},
-                          num_warps=w, num_stages=st)
+                          num_warps=w, num_stages=st, pre_hook=hook)
             for bm, bn, bd, w, st, *rest in space]
 
 
 def _prune_for_precision(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Exact fp32 ("ieee") dots run on the FMA units and compile slowly at large tiles, which buy nothing
-    there: search only the tiles of at most 64 x 64 x 128."""
+    there: search only the tiles of at most 64 x 64 x 128. TMA configs go when the inputs got no descriptors."""
+    if named_args.get("V_DESC") is None:
+        configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
     if kwargs.get("PRECISION", named_args.get("PRECISION")) != "ieee":
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] <= 64 * 64 * 128]
     return small or configs[:1]
+
+
+def _tma_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: a TMA descriptor's block is the config's tile (height max(BLOCK_M, R_P), width
+    max(BLOCK_N, T_P), BLOCK_D deep), known only once the config is."""
+    if nargs.get("USE_TMA"):
+        nargs["V_DESC"].block_shape = [max(nargs["BLOCK_M"], nargs["R_P"]), nargs["BLOCK_D"]]
+        nargs["W_DESC"].block_shape = [max(nargs["BLOCK_N"], nargs["T_P"]), nargs["BLOCK_D"]]
+
+
+def _tma_operands(regions: torch.Tensor, words: torch.Tensor, r_p: int, t_p: int) -> tuple:
+    """(regions, words, their TMA descriptors): each input as its [B * L, D] rows, made contiguous and 16-byte
+    aligned if need be (a copy of the inputs, small beside the B^2 work). Descriptors are None where TMA cannot
+    apply: triton without them, a GPU before sm_90, rows whose bytes are not a multiple of 16, or a tile side
+    (R_P or T_P) above the 256 rows a TMA block may have. Their block shape is set per config by the pre-hook."""
+    dim_bytes = regions.shape[2] * regions.element_size()
+    if (TensorDescriptor is None or dim_bytes % 16 or max(r_p, t_p) > 256
+            or (not interpreted() and torch.cuda.get_device_capability(regions.device)[0] < 9)):
+        return regions, words, None, None
+    regions, words = (x if x.is_contiguous() and x.data_ptr() % 16 == 0
+                      else x.clone(memory_format=torch.contiguous_format) for x in (regions, words))
+    return regions, words, *(TensorDescriptor(x, [x.shape[0] * x.shape[1], x.shape[2]], [x.shape[2], 1], [16, 16])
+                             for x in (regions, words))
 
 
 _PRUNE = {"early_config_prune": _prune_for_precision}
@@ -378,8 +422,9 @@ def maxsim_forward(regions: torch.Tensor, region_mask: torch.Tensor, words: torc
         return (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p, n_reg))
                 * triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p, n_wrd)),)
 
+    regions, words, v_desc, w_desc = _tma_operands(regions, words, r_p, t_p)
     _fwd[grid](
-        regions, vm, words, wm, scores, argmax,
+        regions, vm, words, wm, scores, argmax, v_desc, w_desc,
         n_img, n_sent, n_reg, n_wrd, dim,
         *regions.stride(), *words.stride(), *scores.stride(),
         R_P=r_p, T_P=t_p, STORE_ARGMAX=return_argmax, **_launch_flags(regions.dtype),

@@ -110,15 +110,16 @@ def force_config(monkeypatch, tuner, config) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tile_layouts_agree(monkeypatch, dtype):
-    """Both tile layouts the autotuner may pick must give the reference scores and gradients: the forward's tile
-    as regions x words or transposed (WORDS_AS_ROWS), the backward's images R or R_P rows apart (PAD_REGIONS;
-    R = 13 pads to 16, four images per interpreter tile; R = 40 pads to 64, one image per tile)."""
+    """Every tile layout the autotuner may pick must give the reference scores and gradients: the forward's
+    tile as regions x words or transposed (WORDS_AS_ROWS), its operands read through pointers or TMA
+    descriptors (USE_TMA), the backward's images R or R_P rows apart (PAD_REGIONS; R = 13 pads to 16, four
+    images per interpreter tile; R = 40 pads to 64, one image per tile)."""
     import triton
     from dsalign.kernels import maxsim
 
-    def with_flag(config: triton.Config, flag: str, value: bool) -> triton.Config:
-        return triton.Config({**config.kwargs, flag: value}, num_warps=config.num_warps,
-                             num_stages=config.num_stages)
+    def with_flags(config: triton.Config, **flags: bool) -> triton.Config:
+        return triton.Config({**config.kwargs, **flags}, num_warps=config.num_warps,
+                             num_stages=config.num_stages, pre_hook=config.pre_hook)
 
     forward = maxsim._configs(maxsim.FORWARD_SPACE, maxsim.FORWARD_FLAGS)[0]
     backward = maxsim._configs(maxsim.BACKWARD_SPACE, maxsim.BACKWARD_FLAGS)[0]
@@ -127,13 +128,34 @@ def test_tile_layouts_agree(monkeypatch, dtype):
         regions, region_mask, words, word_mask = ragged_inputs(13, 11, n_regions, 13, 40, dtype=dtype, seed=5)
         grad = torch.randn(13, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
         want = reference(regions, region_mask, words, word_mask, grad)
-        for flag in (False, True):
-            force_config(monkeypatch, maxsim._fwd, with_flag(forward, "WORDS_AS_ROWS", flag))
+        for words_as_rows, use_tma, pad_regions in ((True, False, False), (False, True, True), (True, True, True)):
+            force_config(monkeypatch, maxsim._fwd, with_flags(forward, WORDS_AS_ROWS=words_as_rows, USE_TMA=use_tma))
             for tuner in (maxsim._bwd_dv, maxsim._bwd_dw):
-                force_config(monkeypatch, tuner, with_flag(backward, "PAD_REGIONS", flag))
+                force_config(monkeypatch, tuner, with_flags(backward, PAD_REGIONS=pad_regions))
             for actual, expected, tol in zip(run(regions, region_mask, words, word_mask, grad), want,
                                              (s_tol, g_tol, g_tol)):
                 close(actual, expected, tol)
+
+
+def test_tma_only_where_descriptors_can_be_made():
+    """TMA needs 16-byte rows and a tile side of at most 256 rows: otherwise no descriptor is made and the
+    autotuner drops the TMA configs (a non-contiguous input gets a contiguous copy and keeps TMA)."""
+    import triton
+    from dsalign.kernels import maxsim
+
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_D", *maxsim.FORWARD_FLAGS)
+    configs = [triton.Config(dict(zip(names, (bm, bn, bd, *flags))))
+               for bm, bn, bd, _, _, *flags in maxsim.FORWARD_SPACE]
+    for descriptor, has_tma in ((None, False), (object(), True)):
+        kept = maxsim._prune_for_precision(configs, {"V_DESC": descriptor, "PRECISION": "tf32"})
+        assert kept and any(c.kwargs["USE_TMA"] for c in kept) == has_tma
+    rows_of_24_bytes = torch.randn(2, 3, 12, dtype=torch.bfloat16)
+    assert maxsim._tma_operands(rows_of_24_bytes, rows_of_24_bytes, 4, 4)[2:] == (None, None)
+    strided = torch.randn(2, 3, 16)[:, :, :8]
+    assert maxsim._tma_operands(strided, strided, 512, 4)[2:] == (None, None)
+    regions, words, v_desc, w_desc = maxsim._tma_operands(strided, strided, 4, 4)
+    assert v_desc is not None and w_desc is not None
+    assert regions.is_contiguous() and torch.equal(regions, strided) and v_desc.shape == [6, 8]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the GPU search space only compiles for a CUDA device")
