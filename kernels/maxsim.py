@@ -330,7 +330,8 @@ def _tma_operands(regions: torch.Tensor, words: torch.Tensor, r_p: int, t_p: int
     (R_P or T_P) above the 256 rows a TMA block may have. Their block shape is set per config by the pre-hook."""
     dim_bytes = regions.shape[2] * regions.element_size()
     if (TensorDescriptor is None or dim_bytes % 16 or max(r_p, t_p) > 256
-            or (not interpreted() and torch.cuda.get_device_capability(regions.device)[0] < 9)):
+            or (not interpreted() and (regions.device.type != "cuda"
+                                       or torch.cuda.get_device_capability(regions.device)[0] < 9))):
         return regions, words, None, None
     regions, words = (x if x.is_contiguous() and x.data_ptr() % 16 == 0
                       else x.clone(memory_format=torch.contiguous_format) for x in (regions, words))
