@@ -335,7 +335,8 @@ def _tma_operands(regions: torch.Tensor, words: torch.Tensor, r_p: int, t_p: int
         return regions, words, None, None
     regions, words = (x if x.is_contiguous() and x.data_ptr() % 16 == 0
                       else x.clone(memory_format=torch.contiguous_format) for x in (regions, words))
-    return regions, words, *(TensorDescriptor(x, [x.shape[0] * x.shape[1], x.shape[2]], [x.shape[2], 1], [16, 16])
+    return regions, words, *(TensorDescriptor(base=x, shape=[x.shape[0] * x.shape[1], x.shape[2]],
+                                              strides=[x.shape[2], 1], block_shape=[16, 16])
                              for x in (regions, words))
 
 
