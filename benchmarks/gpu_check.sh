@@ -59,7 +59,11 @@ if wanted viterbi; then
     cat "$out/build.txt" >>"$log" && rm "$out/build.txt"
     # CUDA against CPU first: on 2026-11-30 a bad-input test crashed the process (segfault) before these ran;
     # the toolchain and the libraries the op links decide whether a C++ exception can cross into torch.
-    step toolchain 30 bash -c "command -v c++ g++; g++ --version | head -1; ldd dsalign/_C*.so"
+    step toolchain 30 bash -c "command -v c++ g++; g++ --version | head -1; ldd dsalign/_C*.so; \
+        strings dsalign/_C*.so | grep -o 'GLIBCXX_3\.4\.[0-9]*' | sort -uV | tail -1; \
+        $py -c 'import torch; print(torch.__config__.show().splitlines()[1:4])'"
+    # The smallest bad input, alone: does a TORCH_CHECK thrown inside dsalign._C reach Python as an error?
+    step throw 30 $py -X faulthandler -c "import torch; from dsalign.ops import viterbi; viterbi(torch.zeros(1, 2, 3), [5], [3], 1.0)"
     step viterbi 90 $py -m pytest -q -p no:cacheprovider tests/test_viterbi.py -k cuda
     step viterbi_rest 90 $py -m pytest -q -p no:cacheprovider tests/test_viterbi.py tests/test_snippet_align.py \
         -k "not cuda"
