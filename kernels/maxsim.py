@@ -11,7 +11,9 @@ be computed transposed (``WORDS_AS_ROWS``: words x regions), which turns the max
 within a warp (8 barriers and 25 shuffles in the sm_90 code instead of 37 and 390); the autotuner times both.
 On sm_90+ the operands can also arrive by TMA (``USE_TMA``): host-made descriptors of the [B_img * R, D] and
 [B_sent * T, D] row views, one block per tile starting at its first image / sentence (rows that run into the
-next ones are masked like padding), so the main loop holds no per-element addresses.
+next ones are masked like padding), so the main loop holds no per-element addresses. And the tile can place
+images R_P rows apart (``PAD_REGIONS``): MMA work on the padding rows, but the per-image max becomes one
+reduction over the middle axis of [images, R_P, words] instead of one masked pass over the tile per image.
 
 Masking: padded/unreal regions are -inf before the max; padded words and images without any real region
 contribute 0 after it (so such pairs score 0 and get zero gradient).
@@ -70,12 +72,13 @@ def _maxsim_fwd_kernel(
     R_P: tl.constexpr, T_P: tl.constexpr,
     STORE_ARGMAX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WORDS_AS_ROWS: tl.constexpr = False,
-    USE_TMA: tl.constexpr = False, GROUP: tl.constexpr = 8,
+    USE_TMA: tl.constexpr = False, PAD_REGIONS: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
+    tl.static_assert(not (PAD_REGIONS and (WORDS_AS_ROWS or USE_TMA)), "PAD_REGIONS tiles: regions as rows, no TMA")
     M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P  # grows to one image when R > BLOCK_M
     N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
     SPT_P: tl.constexpr = 2 * N // T_P  # a power of two >= N // T
-    ipt = M // R  # images per tile, R rows apart
+    local_img, reg, ipt, row_in = _region_rows(M, R, R_P, PAD_REGIONS)  # ipt: images per tile
     spt = N // T  # sentences per tile, T columns apart
     # 1-D grid walked in groups of GROUP image tiles x all sentence tiles, so programs running together share
     # their region and word tiles in L2 (the usual GEMM swizzle).
@@ -87,7 +90,6 @@ def _maxsim_fwd_kernel(
     pid_i = first_i + (pid % in_group) % group_rows
     pid_s = (pid % in_group) // group_rows
 
-    local_img, reg, _, row_in = _region_rows(M, R, R_P, False)
     img = pid_i * ipt + local_img
     row_ok = row_in & (img < n_img)
     cols = tl.arange(0, N)
@@ -134,22 +136,36 @@ def _maxsim_fwd_kernel(
     else:
         acc = tl.where(real_r[:, None], acc, float("-inf"))
         member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]
-    # Images are packed R apart (no padding to a power of two), so the max over an image's regions is a masked
-    # max per image of the tile and the sum over a sentence's words a masked sum.
-    for j in range(0, tl.minimum(ipt, n_img - pid_i * ipt)):
-        mine = local_img == j
-        has_region = tl.sum((mine & real_r).to(tl.int32), axis=0) > 0
-        if WORDS_AS_ROWS:
-            best, arg = tl.max(tl.where(mine[None, :], acc, float("-inf")), axis=1, return_indices=True)
-            score = tl.sum(tl.where(member & has_region, best[:, None], 0.0), axis=0)
-        else:
-            best, arg = tl.max(tl.where(mine[:, None], acc, float("-inf")), axis=0, return_indices=True)
-            score = tl.sum(tl.where(member & has_region, best[None, :], 0.0), axis=1)
-        k = (pid_i * ipt + j).to(tl.int64)
-        tl.store(S + k * s_sb + ts * s_ss, score.to(S.dtype.element_ty), mask=s_ok)
+    if PAD_REGIONS:  # images R_P rows apart: one max over the middle axis serves every image of the tile
+        IPT: tl.constexpr = M // R_P
+        best, arg = tl.max(tl.reshape(acc, (IPT, R_P, N)), axis=1, return_indices=True)  # [IPT, N]
+        has_region = tl.max(tl.reshape(real_r.to(tl.int32), (IPT, R_P)), axis=1) > 0
+        score = tl.sum(tl.where(member[None, :, :] & has_region[:, None, None], best[:, None, :], 0.0), axis=2)
+        k = pid_i * IPT + tl.arange(0, IPT)
+        k_ok = k < n_img
+        tl.store(S + k.to(tl.int64)[:, None] * s_sb + ts[None, :] * s_ss, score.to(S.dtype.element_ty),
+                 mask=k_ok[:, None] & s_ok[None, :])
         if STORE_ARGMAX:
-            tl.store(A + (k * n_sent + snt) * T + wrd,
-                     tl.where(real_w & has_region, arg - j * R, -1).to(A.dtype.element_ty), mask=col_ok)
+            tl.store(A + (k.to(tl.int64)[:, None] * n_sent + snt[None, :]) * T + wrd[None, :],
+                     tl.where(real_w[None, :] & has_region[:, None], arg, -1).to(A.dtype.element_ty),
+                     mask=k_ok[:, None] & col_ok[None, :])
+    else:
+        # Images are packed R apart (no padding to a power of two), so the max over an image's regions is a masked
+        # max per image of the tile and the sum over a sentence's words a masked sum.
+        for j in range(0, tl.minimum(ipt, n_img - pid_i * ipt)):
+            mine = local_img == j
+            has_region = tl.sum((mine & real_r).to(tl.int32), axis=0) > 0
+            if WORDS_AS_ROWS:
+                best, arg = tl.max(tl.where(mine[None, :], acc, float("-inf")), axis=1, return_indices=True)
+                score = tl.sum(tl.where(member & has_region, best[:, None], 0.0), axis=0)
+            else:
+                best, arg = tl.max(tl.where(mine[:, None], acc, float("-inf")), axis=0, return_indices=True)
+                score = tl.sum(tl.where(member & has_region, best[None, :], 0.0), axis=1)
+            k = (pid_i * ipt + j).to(tl.int64)
+            tl.store(S + k * s_sb + ts * s_ss, score.to(S.dtype.element_ty), mask=s_ok)
+            if STORE_ARGMAX:
+                tl.store(A + (k * n_sent + snt) * T + wrd,
+                         tl.where(real_w & has_region, arg - j * R, -1).to(A.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -266,27 +282,35 @@ def interpreted() -> bool:
 # GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, flags...): BLOCK_M rows of regions,
 # BLOCK_N columns of words. The forward is a GEMM over D with a max/sum epilogue, in either orientation
 # (WORDS_AS_ROWS), its operands read through pointers (cp.async) or TMA descriptors (USE_TMA: no per-element
-# address arithmetic; dropped when the inputs cannot have descriptors). The backward kernels rebuild their one-hot
+# address arithmetic; dropped when the inputs cannot have descriptors), images packed R or padded R_P rows apart
+# (PAD_REGIONS: one reduction for all images of the tile instead of a masked pass per image; the kernel as first
+# written, with R and T both padded, did 2.25x the MMA work and ran only 1.1x slower, so the epilogue weighs
+# more than the padding rows). The backward kernels rebuild their one-hot
 # operand for every D-chunk they own, so wide D-chunks amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and
 # the loop runs over BLOCK_N words, for dW it is BLOCK_N rows x BLOCK_D over BLOCK_M regions. PAD_REGIONS places
 # images R_P (a power of two) rows apart instead of R: the MMA then wastes the padding rows (37% at R = 20), but
 # the one-hot operand is expanded in registers from one argmax and dL/dS load per (image, word) instead of one
 # per (region, word): compiled for sm_90 (triton 3.8), 2-4 global load instructions instead of 32-128 and
 # 124-171 registers without spills, where 6 of the 16 packed tiles spill. The autotuner measures all of them.
-FORWARD_SPACE = [
-    (64, 64, 64, 4, 3, False, False), (64, 128, 64, 4, 4, False, False), (128, 64, 64, 4, 4, False, False),
-    (128, 128, 64, 8, 3, False, False), (128, 128, 64, 8, 4, False, False), (128, 256, 64, 8, 3, False, False),
-    (128, 128, 128, 8, 2, False, False), (256, 128, 64, 8, 3, False, False),
-    (128, 64, 64, 4, 4, True, False), (128, 128, 64, 8, 3, True, False), (128, 128, 64, 8, 4, True, False),
-    (256, 128, 64, 8, 3, True, False), (128, 256, 64, 8, 3, True, False),
-    (128, 128, 64, 8, 3, False, True), (128, 128, 64, 8, 4, False, True), (128, 128, 64, 8, 3, True, True),
+FORWARD_SPACE = [  # ..., WORDS_AS_ROWS, USE_TMA, PAD_REGIONS
+    (64, 64, 64, 4, 3, False, False, False), (64, 128, 64, 4, 4, False, False, False),
+    (128, 64, 64, 4, 4, False, False, False), (128, 128, 64, 8, 3, False, False, False),
+    (128, 128, 64, 8, 4, False, False, False), (128, 256, 64, 8, 3, False, False, False),
+    (128, 128, 128, 8, 2, False, False, False), (256, 128, 64, 8, 3, False, False, False),
+    (128, 64, 64, 4, 4, True, False, False), (128, 128, 64, 8, 3, True, False, False),
+    (128, 128, 64, 8, 4, True, False, False), (256, 128, 64, 8, 3, True, False, False),
+    (128, 256, 64, 8, 3, True, False, False),
+    (128, 128, 64, 8, 3, False, True, False), (128, 128, 64, 8, 4, False, True, False),
+    (128, 128, 64, 8, 3, True, True, False),
+    (128, 128, 64, 8, 3, False, False, True), (128, 128, 64, 8, 4, False, False, True),
+    (128, 64, 64, 4, 4, False, False, True),
 ]
 BACKWARD_SPACE = [
     (64, 64, 64, 4, 3, False), (64, 64, 128, 4, 3, False), (128, 64, 128, 8, 3, False), (64, 128, 128, 8, 3, False),
     (128, 64, 256, 8, 3, False), (64, 128, 256, 8, 3, False), (128, 128, 128, 8, 3, False), (64, 64, 256, 8, 4, False),
     (128, 128, 64, 8, 3, True), (128, 64, 128, 8, 3, True), (128, 128, 64, 8, 4, True),
 ]
-FORWARD_FLAGS = ("WORDS_AS_ROWS", "USE_TMA")
+FORWARD_FLAGS = ("WORDS_AS_ROWS", "USE_TMA", "PAD_REGIONS")
 BACKWARD_FLAGS = ("PAD_REGIONS",)
 
 
@@ -421,7 +445,7 @@ def maxsim_forward(regions: torch.Tensor, region_mask: torch.Tensor, words: torc
     wm = word_mask.to(torch.uint8).contiguous()
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p, n_reg))
+        return (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p, n_reg, meta.get("PAD_REGIONS", False)))
                 * triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p, n_wrd)),)
 
     regions, words, v_desc, w_desc = _tma_operands(regions, words, r_p, t_p)

@@ -112,7 +112,7 @@ def force_config(monkeypatch, tuner, config) -> None:
 def test_tile_layouts_agree(monkeypatch, dtype):
     """Every tile layout the autotuner may pick must give the reference scores and gradients: the forward's
     tile as regions x words or transposed (WORDS_AS_ROWS), its operands read through pointers or TMA
-    descriptors (USE_TMA), the backward's images R or R_P rows apart (PAD_REGIONS; R = 13 pads to 16, four
+    descriptors (USE_TMA), images R or R_P rows apart in either pass (PAD_REGIONS; R = 13 pads to 16, four
     images per interpreter tile; R = 40 pads to 64, one image per tile)."""
     import triton
     from dsalign.kernels import maxsim
@@ -128,10 +128,12 @@ def test_tile_layouts_agree(monkeypatch, dtype):
         regions, region_mask, words, word_mask = ragged_inputs(13, 11, n_regions, 13, 40, dtype=dtype, seed=5)
         grad = torch.randn(13, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
         want = reference(regions, region_mask, words, word_mask, grad)
-        for words_as_rows, use_tma, pad_regions in ((True, False, False), (False, True, True), (True, True, True)):
-            force_config(monkeypatch, maxsim._fwd, with_flags(forward, WORDS_AS_ROWS=words_as_rows, USE_TMA=use_tma))
+        for rows, tma, pad_forward, pad_backward in ((True, False, False, False), (False, True, False, True),
+                                                     (True, True, False, True), (False, False, True, True)):
+            force_config(monkeypatch, maxsim._fwd,
+                         with_flags(forward, WORDS_AS_ROWS=rows, USE_TMA=tma, PAD_REGIONS=pad_forward))
             for tuner in (maxsim._bwd_dv, maxsim._bwd_dw):
-                force_config(monkeypatch, tuner, with_flags(backward, PAD_REGIONS=pad_regions))
+                force_config(monkeypatch, tuner, with_flags(backward, PAD_REGIONS=pad_backward))
             for actual, expected, tol in zip(run(regions, region_mask, words, word_mask, grad), want,
                                              (s_tol, g_tol, g_tol)):
                 close(actual, expected, tol)
