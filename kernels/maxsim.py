@@ -310,6 +310,7 @@ BACKWARD_SPACE = [
     (64, 64, 64, 4, 3, False), (64, 64, 128, 4, 3, False), (128, 64, 128, 8, 3, False), (64, 128, 128, 8, 3, False),
     (128, 64, 256, 8, 3, False), (64, 128, 256, 8, 3, False), (128, 128, 128, 8, 3, False), (64, 64, 256, 8, 4, False),
     (128, 128, 64, 8, 3, True), (128, 64, 128, 8, 3, True), (128, 128, 64, 8, 4, True),
+    (128, 128, 128, 8, 3, True), (128, 64, 256, 8, 3, True),
 ]
 FORWARD_FLAGS = ("WORDS_AS_ROWS", "USE_TMA", "PAD_REGIONS")
 BACKWARD_FLAGS = ("PAD_REGIONS",)
