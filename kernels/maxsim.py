@@ -292,7 +292,7 @@ def interpreted() -> bool:
 # images R_P (a power of two) rows apart instead of R: the MMA then wastes the padding rows (37% at R = 20), but
 # the one-hot operand is expanded in registers from one argmax and dL/dS load per (image, word) instead of one
 # per (region, word): compiled for sm_90 (triton 3.8), 2-4 global load instructions instead of 32-128 and
-# 124-171 registers without spills, where 6 of the 16 packed tiles spill. The autotuner measures all of them.
+# no register spills, where 6 of the 16 packed tiles spill. The autotuner measures all of them.
 FORWARD_SPACE = [  # ..., WORDS_AS_ROWS, USE_TMA, PAD_REGIONS
     (64, 64, 64, 4, 3, False, False, False), (64, 128, 64, 4, 4, False, False, False),
     (128, 64, 64, 4, 4, False, False, False), (128, 128, 64, 8, 3, False, False, False),
