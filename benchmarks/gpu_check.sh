@@ -14,9 +14,10 @@
 # TRAIN_AUTOTUNE=0 trains on one Triton config (no autotuning inside the timed runs).
 # On an H200 (2026-11-30): tests ~2 min (with 13 forward and 8 backward configs; 20 and 13 now), bench_score
 # ~2 min per dtype (fp32's B = 4096 rows take longest), the Viterbi build ~1 min in the background, bench_train
-# ~30 s. Within a 15-minute device budget, e.g.:
-#   SCORE_ARGS="--dtypes bf16" TRAIN_AUTOTUNE=0 TRAIN_ARGS="--steps 20 --images 300 --trainer-steps 30 \
-#   --trainer-timeout 60" bash benchmarks/gpu_check.sh "$OUT" env,tests,score,viterbi,train
+# ~30 s. With the larger search spaces, split a 15-minute device budget into two calls of <= 10 minutes, e.g.:
+#   SCORE_ARGS="--dtypes bf16" bash benchmarks/gpu_check.sh "$OUT" env,tests,score
+#   TRAIN_AUTOTUNE=0 TRAIN_ARGS="--steps 20 --images 300 --trainer-steps 30 --trainer-timeout 60" \
+#   bash benchmarks/gpu_check.sh "$OUT" viterbi,train
 set -u
 out=${1:-benchmarks/out/gpu}
 steps=${2:-env,tests,score,viterbi,decode,train}
@@ -53,7 +54,7 @@ if wanted tests; then
         tests/test_score_triton.py tests/test_score.py
 fi
 if wanted score; then
-    step score "${SCORE_LIMIT:-300}" $py benchmarks/bench_score.py --out "$out/score_cuda.json" ${SCORE_ARGS:-}
+    step score "${SCORE_LIMIT:-360}" $py benchmarks/bench_score.py --out "$out/score_cuda.json" ${SCORE_ARGS:-}
 fi
 if wanted viterbi; then
     wait "$build"
