@@ -280,19 +280,19 @@ def interpreted() -> bool:
 
 
 # GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, flags...): BLOCK_M rows of regions,
-# BLOCK_N columns of words. The forward is a GEMM over D with a max/sum epilogue, in either orientation
-# (WORDS_AS_ROWS), its operands read through pointers (cp.async) or TMA descriptors (USE_TMA: no per-element
-# address arithmetic; dropped when the inputs cannot have descriptors), images packed R or padded R_P rows apart
-# (PAD_REGIONS: one reduction for all images of the tile instead of a masked pass per image; the kernel as first
-# written, with R and T both padded, did 2.25x the MMA work and ran only 1.1x slower, so the epilogue weighs
-# more than the padding rows; these also compile without spills at 128 x 256 and 256 x 128, where the packed
-# epilogue spills 112-408 B per thread). The backward kernels rebuild their one-hot
-# operand for every D-chunk they own, so wide D-chunks amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and
-# the loop runs over BLOCK_N words, for dW it is BLOCK_N rows x BLOCK_D over BLOCK_M regions. PAD_REGIONS places
-# images R_P (a power of two) rows apart instead of R: the MMA then wastes the padding rows (37% at R = 20), but
-# the one-hot operand is expanded in registers from one argmax and dL/dS load per (image, word) instead of one
-# per (region, word): compiled for sm_90 (triton 3.8), 2-4 global load instructions instead of 32-128 and
-# no register spills, where 6 of the 16 packed tiles spill. The autotuner measures all of them.
+# BLOCK_N columns of words; the autotuner measures every config. The forward is a GEMM over D with a max/sum
+# epilogue, in either orientation (WORDS_AS_ROWS), its operands read through pointers (cp.async) or TMA
+# descriptors (USE_TMA: no per-element address arithmetic; dropped when the inputs cannot have descriptors).
+# The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide D-chunks amortise it;
+# for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N words, for dW it is BLOCK_N rows x
+# BLOCK_D over BLOCK_M regions. PAD_REGIONS (both passes) places images R_P (a power of two) rows apart instead
+# of R: the MMA wastes the padding rows (37% at R = 20), but in the forward the per-image max becomes one
+# reduction for all images of the tile instead of a masked pass per image (the kernel as first written, with R
+# and T both padded, did 2.25x the MMA work and ran only 1.1x slower, so the epilogue weighs more than padding
+# rows), and in the backward the one-hot operand is expanded in registers from one argmax and dL/dS load per
+# (image, word) instead of one per (region, word). Compiled for sm_90 (triton 3.8): padded backward tiles have
+# 2-4 global load instructions instead of 32-128 and no spills (6 of the 16 packed ones spill); padded forward
+# tiles compile without spills at 128 x 256 and 256 x 128, where the packed epilogue spills 112-408 B/thread.
 FORWARD_SPACE = [  # ..., WORDS_AS_ROWS, USE_TMA, PAD_REGIONS
     (64, 64, 64, 4, 3, False, False, False), (64, 128, 64, 4, 4, False, False, False),
     (128, 64, 64, 4, 4, False, False, False), (128, 128, 64, 8, 3, False, False, False),
@@ -330,9 +330,9 @@ def _configs(space: list[tuple], flags: tuple[str, ...] = ()) -> list[triton.Con
             for bm, bn, bd, w, st, *rest in space]
 
 
-def _prune_for_precision(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Exact fp32 ("ieee") dots run on the FMA units and compile slowly at large tiles, which buy nothing
-    there: search only the tiles of at most 64 x 64 x 128. TMA configs go when the inputs got no descriptors."""
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """TMA configs go when the inputs got no descriptors. Exact fp32 ("ieee") dots run on the FMA units and
+    compile slowly at large tiles, which buy nothing there: search only the tiles of at most 64 x 64 x 128."""
     if named_args.get("V_DESC") is None:
         configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
     if kwargs.get("PRECISION", named_args.get("PRECISION")) != "ieee":
@@ -342,20 +342,22 @@ def _prune_for_precision(configs: list[triton.Config], named_args: dict, **kwarg
 
 
 def _tma_block_shapes(nargs: dict) -> None:
-    """Autotune pre-hook: a TMA descriptor's block is the config's tile (height max(BLOCK_M, R_P), width
-    max(BLOCK_N, T_P), BLOCK_D deep), known only once the config is."""
+    """Autotune pre-hook: a TMA descriptor's block is the config's tile side by BLOCK_D, known only once the
+    config is."""
     if nargs.get("USE_TMA"):
-        nargs["V_DESC"].block_shape = [max(nargs["BLOCK_M"], nargs["R_P"]), nargs["BLOCK_D"]]
-        nargs["W_DESC"].block_shape = [max(nargs["BLOCK_N"], nargs["T_P"]), nargs["BLOCK_D"]]
+        nargs["V_DESC"].block_shape = [_tile_side(nargs["BLOCK_M"], nargs["R_P"]), nargs["BLOCK_D"]]
+        nargs["W_DESC"].block_shape = [_tile_side(nargs["BLOCK_N"], nargs["T_P"]), nargs["BLOCK_D"]]
 
 
 def _tma_operands(regions: torch.Tensor, words: torch.Tensor, r_p: int, t_p: int) -> tuple:
     """(regions, words, their TMA descriptors): each input as its [B * L, D] rows, made contiguous and 16-byte
     aligned if need be (a copy of the inputs, small beside the B^2 work). Descriptors are None where TMA cannot
-    apply: triton without them, a GPU before sm_90, rows whose bytes are not a multiple of 16, or a tile side
-    (R_P or T_P) above the 256 rows a TMA block may have. Their block shape is set per config by the pre-hook."""
+    apply or no config would use them: triton without them, a GPU before sm_90, rows whose bytes are not a
+    multiple of 16, a tile side (R_P or T_P) above the 256 rows a TMA block may have, or a search space without
+    TMA configs (``DSALIGN_TRITON_AUTOTUNE=0``). Their block shape is set per config by the pre-hook."""
     dim_bytes = regions.shape[2] * regions.element_size()
     if (TensorDescriptor is None or dim_bytes % 16 or max(r_p, t_p) > 256
+            or not any(c.kwargs.get("USE_TMA") for c in _fwd.configs)
             or (not interpreted() and (regions.device.type != "cuda"
                                        or torch.cuda.get_device_capability(regions.device)[0] < 9))):
         return regions, words, None, None
@@ -366,7 +368,7 @@ def _tma_operands(regions: torch.Tensor, words: torch.Tensor, r_p: int, t_p: int
                              for x in (regions, words))
 
 
-_PRUNE = {"early_config_prune": _prune_for_precision}
+_PRUNE = {"early_config_prune": _prune_configs}
 # Batch sizes are part of the key: the best tile for a 64 x 64 check differs from a 4096 x 4096 batch, and a
 # training run sees only a few distinct sizes.
 _KEY = ["n_img", "n_sent", "R", "T", "D", "UPCAST", "PRECISION"]
@@ -385,10 +387,16 @@ def tuned_configs() -> dict[str, str | None]:
             for name, tuner in (("forward", _fwd), ("backward_dv", _bwd_dv), ("backward_dw", _bwd_dw))}
 
 
+def _tile_side(block: int, padded: int) -> int:
+    """The kernels' tile height (width): BLOCK_M (BLOCK_N), grown to R_P (T_P) when one image (sentence) does
+    not fit; the host mirror of their ``M`` (``N``)."""
+    return max(block, padded)
+
+
 def _per_tile(block: int, padded: int, count: int, pad: bool = False) -> int:
-    """Images (sentences) per tile: the kernels' tile height max(BLOCK, R_P) over R (width over T), or over
-    R_P when images are padded (``PAD_REGIONS``)."""
-    return max(block, padded) // (padded if pad else count)
+    """Images (sentences) per tile: the tile height over R (width over T), or over R_P when images are padded
+    (``PAD_REGIONS``)."""
+    return _tile_side(block, padded) // (padded if pad else count)
 
 
 def _argmax_dtype(n_regions: int) -> torch.dtype:

@@ -139,9 +139,10 @@ def test_tile_layouts_agree(monkeypatch, dtype):
                 close(actual, expected, tol)
 
 
-def test_tma_only_where_descriptors_can_be_made():
+def test_tma_only_where_descriptors_can_be_made(monkeypatch):
     """TMA needs 16-byte rows and a tile side of at most 256 rows: otherwise no descriptor is made and the
-    autotuner drops the TMA configs (a non-contiguous input gets a contiguous copy and keeps TMA)."""
+    autotuner drops the TMA configs (a non-contiguous input gets a contiguous copy and keeps TMA). Without a
+    TMA config in the search space no descriptor (and no copy) is made at all."""
     import triton
     from dsalign.kernels import maxsim
 
@@ -149,11 +150,15 @@ def test_tma_only_where_descriptors_can_be_made():
     configs = [triton.Config(dict(zip(names, (bm, bn, bd, *flags))))
                for bm, bn, bd, _, _, *flags in maxsim.FORWARD_SPACE]
     for descriptor, has_tma in ((None, False), (object(), True)):
-        kept = maxsim._prune_for_precision(configs, {"V_DESC": descriptor, "PRECISION": "tf32"})
+        kept = maxsim._prune_configs(configs, {"V_DESC": descriptor, "PRECISION": "tf32"})
         assert kept and any(c.kwargs["USE_TMA"] for c in kept) == has_tma
+    strided = torch.randn(2, 3, 16, device=DEVICE)[:, :, :8]
+    force_config(monkeypatch, maxsim._fwd, configs[0])  # no TMA
+    assert maxsim._tma_operands(strided, strided, 4, 4)[0] is strided
+    assert maxsim._tma_operands(strided, strided, 4, 4)[2:] == (None, None)
+    force_config(monkeypatch, maxsim._fwd, next(c for c in configs if c.kwargs["USE_TMA"]))
     rows_of_24_bytes = torch.randn(2, 3, 12, dtype=torch.bfloat16, device=DEVICE)
     assert maxsim._tma_operands(rows_of_24_bytes, rows_of_24_bytes, 4, 4)[2:] == (None, None)
-    strided = torch.randn(2, 3, 16, device=DEVICE)[:, :, :8]
     assert maxsim._tma_operands(strided, strided, 512, 4)[2:] == (None, None)
     regions, words, v_desc, w_desc = maxsim._tma_operands(strided, strided, 4, 4)
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
