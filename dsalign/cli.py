@@ -141,7 +141,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                       "train the alignment model, evaluate retrieval, align snippets with the "
                                       "MRF, train the full-image and region generators, evaluate them, and "
                                       "write an HTML report and a metrics table, printing where each output "
-                                      "went (about 5 minutes on a 2-core CPU).")
+                                      "went (about 10 minutes on a 2-core CPU).")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     demo.add_argument("--n-train", type=positive, default=2000, help="training scenes (default 2000)")
     demo.add_argument("--n-val", type=positive, default=200, help="validation scenes (default 200)")

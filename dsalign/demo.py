@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,6 +47,9 @@ WHOLE_IMAGE = False
 # many training scenes and their captions as the bank, temperatures chosen on val; the bank is saved beside the
 # alignment bundle, so the Python API ranks the same way.
 BANK_IMAGES = 1000
+# Generators' decoding, in validation, evaluation and the report: a shapes caption can run to 30 words (four
+# objects with every attribute and a background), so 32 leaves none cut short.
+DECODE = DecodeSettings(beam_size=3, max_len=32)
 
 
 def _train_config(features: Path, out_dir: Path, steps: int, seed: int, workers: int) -> dict:
@@ -69,7 +73,7 @@ def _caption_config(features: Path, out_dir: Path, steps: int, seed: int, worker
         "data": {"features": str(features), "level": level, "snippets": str(snippets) if snippets else None,
                  "val_images": 100, "num_workers": workers, "shuffle_buffer": 1000},
         "model": {"cell": "lstm", "word_dim": 64, "hidden_dim": 256, "dropout": 0.2},
-        "decode": {"beam_size": 3, "max_len": 16},
+        "decode": asdict(DECODE),
         "optim": {"name": "adam", "lr": 0.002, "grad_clip_norm": 5.0},
         "train": {"out_dir": str(out_dir), "batch_size": 64, "batches_per_epoch": 30, "max_steps": steps,
                   "seed": seed, "log_every": max(1, steps // 10), "eval_every": max(1, steps // 3),
@@ -164,12 +168,11 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
     timings["caption_train_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    settings = DecodeSettings(beam_size=3, max_len=16)
     full = load_caption_bundle(model_dir / "caption_full")
     region = load_caption_bundle(model_dir / "caption_region")
-    captions = evaluate_full_captions(full.model, full.vocab, features, "test", settings, SCORERS,
+    captions = evaluate_full_captions(full.model, full.vocab, features, "test", DECODE, SCORERS,
                                       training_captions=training_captions(shards))
-    regions = evaluate_region_descriptions(region.model, region.vocab, features, "test", settings)
+    regions = evaluate_region_descriptions(region.model, region.vocab, features, "test", DECODE)
     timings["caption_eval_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -179,7 +182,7 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
     examples.mkdir(exist_ok=True)
     for item in items:  # the raw test images, for trying the API and the CLI on
         item.image.save(examples / f"{item.name}.png")
-    entries = [build_entry(model, item, beam_size=3) for item in items]
+    entries = [build_entry(model, item, beam_size=DECODE.beam_size, max_len=DECODE.max_len) for item in items]
     report = write_report(entries, out / "report.html", title="dsalign demo: shapes test images")
     # The pictures show the report image with the most objects (the first test scenes may hold only one).
     showcase = max(range(len(items)), key=lambda i: (len(items[i].boxes or []), -i))

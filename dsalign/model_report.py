@@ -21,10 +21,11 @@ class ReportItem:
 
 
 def build_entry(model: Model, item: ReportItem, beam_size: int = 7, top_k: int = 5,
-                beta: float | None = None) -> ReportEntry:
-    """Everything the model's bundles can say about one image: caption, region phrases, alignments, scores."""
+                beta: float | None = None, max_len: int = 20) -> ReportEntry:
+    """Everything the model's bundles can say about one image: caption (at most ``max_len`` words), region
+    phrases, alignments, scores."""
     image = load_image(item.image)
-    caption = model.caption([image], beam_size)[0] if model.caption_full is not None else None
+    caption = model.caption([image], beam_size, max_len)[0] if model.caption_full is not None else None
     regions = []
     if model.caption_region is not None:
         regions = model.describe_regions(image, top_k, beam_size, boxes=item.boxes)

@@ -52,7 +52,6 @@ def test_a_wrong_colour_makes_a_sentence_impossible(scenes: list[ImageRecord]) -
 
 def test_counts_and_backgrounds_are_read() -> None:
     assert stated_count(tokenize("There are three shapes: a red star")) == 3
-    assert stated_count(tokenize("just a red star")) == 1
     assert stated_count(tokenize("a red star and a blue disc")) is None
     assert background_fits(tokenize("a star on a noisy sage background"), {"tint": "sage", "style": "noisy"})
     assert not background_fits(tokenize("a star on a gray background"), {"tint": "sage", "style": "noisy"})
@@ -65,6 +64,8 @@ def test_ceilings_are_proper_percentages_below_perfect(scenes: list[ImageRecord]
     # Some sentences fit several of 60 scenes, so even the oracle misses; reading the grammar's odds
     # beats treating every consistent scene alike.
     assert 50 < result["t2i_r1_consistent"] <= result["t2i_r1_oracle"] < 100
+    # A reader blind to what a sentence implies about unmentioned objects (the paper's score) does worse.
+    assert 50 < result["t2i_r1_contains"] <= result["t2i_r1_consistent"]
     assert 80 < result["i2t_r1_oracle"] <= 100
     assert retrieval_ceiling(scenes[:1])["t2i_r1_oracle"] == 100
 
