@@ -8,9 +8,10 @@ that split, and the targets of docs/alignment.md are read against it. A third re
 paper's score can (Eq. 8 never falls when a scene holds more objects): whether the scene holds every
 mentioned object, in the asserted relations.
 
-- ``likelihood``: 0 when the grammar cannot produce this sentence for this scene (objects, attributes, the colour
-  rule, counts, relations, background), else the odds of its template, object choice and attribute choices (up
-  to factors that do not depend on the scene); ranking by it approximates the Bayes-optimal ranker.
+- ``likelihood``: 0 when the grammar cannot produce this sentence for this scene (objects, attributes, counts,
+  lists naming every object, relations, background), else the odds of its template, relation choice and texture
+  naming (up to factors that do not depend on the scene); ranking by it approximates the Bayes-optimal ranker.
+- ``contains``: the part of those checks that does not depend on objects the sentence leaves out.
 - Region phrases: a box's references are the phrases its own five captions used, drawn at random per caption,
   so even the phrase most often used for that kind of object (learned from the train split) is often absent.
 
