@@ -51,6 +51,13 @@ except ImportError:
 AUTOTUNE_ENV = "DSALIGN_TRITON_AUTOTUNE"
 
 
+@triton.constexpr_function
+def _tile_side(block: int, padded: int) -> int:
+    """Tile height (width): BLOCK_M (BLOCK_N), grown to R_P (T_P) when one image (sentence) does not fit (both
+    powers of two). One function for the kernels' ``M`` / ``N`` and the host's grids and TMA block shapes."""
+    return max(block, padded)
+
+
 @triton.jit
 def _region_rows(M: tl.constexpr, R, R_P: tl.constexpr, PAD_REGIONS: tl.constexpr):
     """Tile row -> (image within the tile, region index, images per tile, row holds a region): images R rows
@@ -75,8 +82,8 @@ def _maxsim_fwd_kernel(
     USE_TMA: tl.constexpr = False, PAD_REGIONS: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
     tl.static_assert(not (PAD_REGIONS and (WORDS_AS_ROWS or USE_TMA)), "PAD_REGIONS tiles: regions as rows, no TMA")
-    M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P  # grows to one image when R > BLOCK_M
-    N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
+    M: tl.constexpr = _tile_side(BLOCK_M, R_P)
+    N: tl.constexpr = _tile_side(BLOCK_N, T_P)
     SPT_P: tl.constexpr = 2 * N // T_P  # a power of two >= N // T
     local_img, reg, ipt, row_in = _region_rows(M, R, R_P, PAD_REGIONS)  # ipt: images per tile
     spt = N // T  # sentences per tile, T columns apart
@@ -176,8 +183,8 @@ def _maxsim_bwd_dv_kernel(
     R_P: tl.constexpr, T_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_REGIONS: tl.constexpr = False,
 ):
-    M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P
-    N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
+    M: tl.constexpr = _tile_side(BLOCK_M, R_P)
+    N: tl.constexpr = _tile_side(BLOCK_N, T_P)
     spt = N // T  # sentences per tile, T columns apart
     pid_i = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -231,8 +238,8 @@ def _maxsim_bwd_dw_kernel(
     R_P: tl.constexpr, T_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_REGIONS: tl.constexpr = False,
 ):
-    M: tl.constexpr = ((BLOCK_M + R_P - 1) // R_P) * R_P
-    N: tl.constexpr = ((BLOCK_N + T_P - 1) // T_P) * T_P
+    M: tl.constexpr = _tile_side(BLOCK_M, R_P)
+    N: tl.constexpr = _tile_side(BLOCK_N, T_P)
     spt = N // T  # sentences per tile, T columns apart
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -385,12 +392,6 @@ def tuned_configs() -> dict[str, str | None]:
     records beside its timings, to tell which tile and layout won on that GPU."""
     return {name: (str(tuner.best_config) if getattr(tuner, "best_config", None) else None)
             for name, tuner in (("forward", _fwd), ("backward_dv", _bwd_dv), ("backward_dw", _bwd_dw))}
-
-
-def _tile_side(block: int, padded: int) -> int:
-    """The kernels' tile height (width): BLOCK_M (BLOCK_N), grown to R_P (T_P) when one image (sentence) does
-    not fit; the host mirror of their ``M`` (``N``)."""
-    return max(block, padded)
 
 
 def _per_tile(block: int, padded: int, count: int, pad: bool = False) -> int:
