@@ -41,12 +41,12 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-try:  # triton >= 3.4: tensor-memory-accelerator (TMA) descriptors built on the host
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
+if not hasattr(triton, "constexpr_function"):  # an ImportError, so the score op's automatic choice skips triton
+    raise ImportError(f"dsalign's Triton kernels need triton >= 3.5 (found {triton.__version__})")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402  (TMA descriptors built on the host)
 
 AUTOTUNE_ENV = "DSALIGN_TRITON_AUTOTUNE"
 
@@ -359,11 +359,11 @@ def _tma_block_shapes(nargs: dict) -> None:
 def _tma_operands(regions: torch.Tensor, words: torch.Tensor, r_p: int, t_p: int) -> tuple:
     """(regions, words, their TMA descriptors): each input as its [B * L, D] rows, made contiguous and 16-byte
     aligned if need be (a copy of the inputs, small beside the B^2 work). Descriptors are None where TMA cannot
-    apply or no config would use them: triton without them, a GPU before sm_90, rows whose bytes are not a
-    multiple of 16, a tile side (R_P or T_P) above the 256 rows a TMA block may have, or a search space without
-    TMA configs (``DSALIGN_TRITON_AUTOTUNE=0``). Their block shape is set per config by the pre-hook."""
+    apply or no config would use them: a GPU before sm_90, rows whose bytes are not a multiple of 16, a tile
+    side (R_P or T_P) above the 256 rows a TMA block may have, or a search space without TMA configs
+    (``DSALIGN_TRITON_AUTOTUNE=0``). Their block shape is set per config by the pre-hook."""
     dim_bytes = regions.shape[2] * regions.element_size()
-    if (TensorDescriptor is None or dim_bytes % 16 or max(r_p, t_p) > 256
+    if (dim_bytes % 16 or max(r_p, t_p) > 256
             or not any(c.kwargs.get("USE_TMA") for c in _fwd.configs)
             or (not interpreted() and (regions.device.type != "cuda"
                                        or torch.cuda.get_device_capability(regions.device)[0] < 9))):
