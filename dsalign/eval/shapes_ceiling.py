@@ -11,7 +11,7 @@ mentioned object, in the asserted relations.
 - ``likelihood``: 0 when the grammar cannot produce this sentence for this scene (objects, attributes, counts,
   lists naming every object, relations, background), else the odds of its template, relation choice and texture
   naming (up to factors that do not depend on the scene); ranking by it approximates the Bayes-optimal ranker.
-- ``contains``: the part of those checks that does not depend on objects the sentence leaves out.
+- The ``contains`` reader: the part of those checks that does not depend on objects the sentence leaves out.
 - Region phrases: a box's references are the phrases its own five captions used, drawn at random per caption,
   so even the phrase most often used for that kind of object (learned from the train split) is often absent.
 
@@ -104,24 +104,15 @@ def _best_reading(caption: Caption, relations: Sequence[Relation], record: Image
     return best
 
 
-def contains(caption: Caption, relations: Sequence[Relation], record: ImageRecord) -> bool:
-    """Whether the scene holds every object the sentence mentions, in the relations it asserts, on the
-    background it names: all the paper's score (Eq. 8) can check, since a scene's score never falls when
-    it holds more objects than the sentence implies."""
-    return _best_reading(caption, relations, record) > 0
-
-
-def likelihood(caption: Caption, relations: Sequence[Relation], record: ImageRecord) -> float:
-    """The grammar's odds of producing this sentence for this scene (0 = impossible), up to a constant."""
+def _template_odds(caption: Caption, relations: Sequence[Relation], record: ImageRecord) -> float:
+    """The odds of the sentence's template and relation choice for this scene, up to a constant; 0 when what it
+    implies about the scene as a whole (the stated count, a list naming every object) is false."""
     objects = record.extra["objects"]
     count = stated_count(caption.tokens)
     if count is not None and count != len(objects):
         return 0.0
     if not relations and len(_mentions(caption)) != len(objects):
         return 0.0  # lists and counts name every object
-    best = _best_reading(caption, relations, record)
-    if best == 0.0:
-        return 0.0
     n_triples = len(relation_triples(record.boxes or []))
     weights = template_weights(len(objects), n_triples)
     if count is not None:
@@ -132,7 +123,13 @@ def likelihood(caption: Caption, relations: Sequence[Relation], record: ImageRec
         template, choice = "list", 1.0
     if template not in weights:
         return 0.0
-    return best * choice * weights[template] / sum(weights.values())
+    return choice * weights[template] / sum(weights.values())
+
+
+def likelihood(caption: Caption, relations: Sequence[Relation], record: ImageRecord) -> float:
+    """The grammar's odds of producing this sentence for this scene (0 = impossible), up to a constant."""
+    template = _template_odds(caption, relations, record)
+    return template * _best_reading(caption, relations, record) if template else 0.0
 
 
 def _hit(scores: Sequence[float], truth: Sequence[bool]) -> float:
@@ -144,16 +141,22 @@ def _hit(scores: Sequence[float], truth: Sequence[bool]) -> float:
 
 def retrieval_ceiling(records: Sequence[ImageRecord]) -> dict[str, float]:
     """R@1 (percent) of the grammar oracle in both directions, of a reader that only checks consistency
-    (ranks every consistent candidate equally), and of one that only checks ``contains``."""
+    (ranks every consistent candidate equally), and of one that only checks that the scene contains the
+    mentioned objects."""
     sentences = [(i, c, rel) for i, r in enumerate(records)
                  for c, rel in zip(r.captions, r.extra["relations"])]
-    odds = [[likelihood(c, rel, r) for r in records] for _, c, rel in sentences]  # [sentence][image]
+    # The mention search runs once per (sentence, image); likelihood = template odds x reading odds.
+    readings = [[_best_reading(c, rel, r) for r in records] for _, c, rel in sentences]  # [sentence][image]
+    odds = [[_template_odds(c, rel, r) * x if x else 0.0 for r, x in zip(records, row)]
+            for (_, c, rel), row in zip(sentences, readings)]
     owner = [i for i, _, _ in sentences]
     t2i = [_hit(row, [j == i for j in range(len(records))]) for i, row in zip(owner, odds)]
     t2i_flat = [_hit([float(x > 0) for x in row], [j == i for j in range(len(records))])
                 for i, row in zip(owner, odds)]
-    t2i_contains = [_hit([float(contains(c, rel, r)) for r in records], [j == i for j in range(len(records))])
-                    for i, c, rel in sentences]
+    # Whether the scene holds every mentioned object, in the asserted relations, on the named background: all
+    # the paper's score (Eq. 8) can check, since a scene's score never falls when it holds more objects.
+    t2i_contains = [_hit([float(x > 0) for x in row], [j == i for j in range(len(records))])
+                    for i, row in zip(owner, readings)]
     # image -> text: rank sentences by the posterior that this image produced them (a generic sentence is
     # likely under many images and so rarely the best evidence for any one of them)
     posterior = [[x / sum(row) for x in row] for row in odds]
