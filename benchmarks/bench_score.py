@@ -4,7 +4,11 @@ On CPU: ``torch`` (naive einsum + masked max + sum, the 4-D similarity tensor in
 at B in {128, 512}, D = 1024, with issue 4's targets (chunked <= 1/10 of the peak memory at B = 512, <= 1.2x
 the time) computed and printed. On CUDA: naive ``torch``, ``torch_chunked`` and the fused ``triton`` kernel for
 B in {256, 1024, 4096} (images = sentences), R = T = 20, D in {512, 1024}, fp32 and bf16, forward and
-forward+backward, plus a dense bf16 matmul in the same run as the throughput ceiling.
+forward+backward, plus a dense bf16 matmul in the same run as the throughput ceiling. ``triton``'s backward is
+the one-hot GEMMs (its default); ``triton_fused_bwd`` times forward+backward again with the fused backward
+kernels (``DSALIGN_MAXSIM_WORKSPACE_MB=0``). Issue 5's targets are computed and printed: triton fwd+bwd >= 5x
+the naive einsum at B = 1024, D = 1024, bf16, and triton forward >= 50% of the matmul ceiling at B = 4096.
+Each triton row records the config the autotuner picked per kernel and the timings of every config it tried.
 
 Before timing, every backend is checked on a sub-batch of exactly representable inputs (forward and both
 gradients; see ``make_inputs``) against the float64 ``torch`` backend (itself tested against a loop-level
@@ -22,16 +26,19 @@ The JSON is rewritten after every measured row, so a run stopped early keeps wha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
+import os
 import platform
 import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -48,6 +55,31 @@ CHECK_BATCH = 64
 # rounded to bf16 in the kernel's backward), TF32 would need ~1e-3 for fp32.
 CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
 GPU_CHUNK_ELEMS = 1 << 26  # 256 MB fp32 blocks: the GPU needs large einsums to be busy
+WORKSPACE_ENV = "DSALIGN_MAXSIM_WORKSPACE_MB"  # read by dsalign.kernels.maxsim at each backward
+
+
+class Backend(NamedTuple):
+    """One kind of row: the score backend it runs, its keyword arguments, environment overrides while it
+    runs, and the passes it is timed for."""
+
+    op: str
+    kwargs: dict = {}
+    env: dict = {}
+    passes: tuple[bool, ...] = (False, True)  # backward?
+
+
+@contextlib.contextmanager
+def overridden_env(env: dict) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def make_inputs(n_img: int, n_sent: int, dim: int, dtype: torch.dtype, device: str, seed: int = 0,
@@ -87,13 +119,14 @@ def max_rel_err(got: tuple, want: tuple) -> float:
                for g, x in zip(got, want))
 
 
-def check(backend: str, dim: int, dtype: torch.dtype, device: str, **kwargs) -> float:
+def check(backend: Backend, dim: int, dtype: torch.dtype, device: str) -> float:
     """Forward and both gradients on a CHECK_BATCH sub-problem vs the float64 torch backend."""
     inputs = make_inputs(CHECK_BATCH, CHECK_BATCH + 3, dim, dtype, device, seed=1, exact=True)
     grad = torch.randn(CHECK_BATCH, CHECK_BATCH + 3, device=device, dtype=torch.float64,
                        generator=torch.Generator(device=device).manual_seed(2))
     want = forward_and_grads("torch", *(x.double() if x.is_floating_point() else x for x in inputs), grad)
-    return max_rel_err(forward_and_grads(backend, *inputs, grad, **kwargs), want)
+    with overridden_env(backend.env):
+        return max_rel_err(forward_and_grads(backend.op, *inputs, grad, **backend.kwargs), want)
 
 
 @torch.no_grad()
@@ -192,14 +225,17 @@ def naive_bytes(n: int, dim: int, backward: bool) -> int:
 def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     timer = Timer(device, args.repeats)
-    if device == "cuda":
+    if (args.suite or ("gpu" if device == "cuda" else "cpu")) == "gpu":
         sizes, dims = args.sizes or GPU_SIZES, args.dims or GPU_DIMS
         dtypes = [DTYPES[name] for name in args.dtypes]
-        backends = {"torch": {}, "torch_chunked": {"chunk_elems": GPU_CHUNK_ELEMS}, "triton": {}}
-        name = torch.cuda.get_device_name()
+        backends = {"torch": Backend("torch"),
+                    "torch_chunked": Backend("torch_chunked", {"chunk_elems": GPU_CHUNK_ELEMS}),
+                    "triton": Backend("triton"),
+                    "triton_fused_bwd": Backend("triton", env={WORKSPACE_ENV: "0"}, passes=(True,))}
+        name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
     else:
         sizes, dims, dtypes = args.sizes or CPU_SIZES, args.dims or CPU_DIMS, [torch.float32]
-        backends = {"torch": {}, "torch_chunked": {}}
+        backends = {"torch": Backend("torch"), "torch_chunked": Backend("torch_chunked")}
         name = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     report = {"benchmark": "score", "date": date.today().isoformat(), "device": name,
               "torch": torch.__version__, "R": N_REG, "T": N_WRD,
@@ -209,8 +245,8 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
     for dtype in dtypes:
         for dim in dims:
             errors = {}
-            for backend, kwargs in backends.items():
-                errors[backend] = check(backend, dim, dtype, device, **kwargs)
+            for backend, spec in backends.items():
+                errors[backend] = check(spec, dim, dtype, device)
                 if errors[backend] > CHECK_TOL[dtype]:
                     report["failed_checks"].append({"backend": backend, "D": dim, "dtype": str(dtype),
                                                     "max_rel_err": errors[backend]})
@@ -221,8 +257,8 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
                 if "triton" in backends and (err := full_forward_error(inputs)) > CHECK_TOL[dtype]:
                     report["failed_checks"].append({"backend": "triton", "B": n, "D": dim,
                                                     "dtype": str(dtype), "full_forward_rel_err": err})
-                for backend, kwargs in backends.items():
-                    for backward in (False, True):
+                for backend, spec in backends.items():
+                    for backward in spec.passes:
                         row = {"B": n, "D": dim, "dtype": str(dtype).removeprefix("torch."),
                                "backend": backend, "pass": "fwd+bwd" if backward else "fwd",
                                "check_max_rel_err": errors[backend]}
@@ -231,7 +267,10 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
                                 and naive_bytes(n, dim, backward) > 0.8 * free):
                             report["skipped"].append({**row, "reason": "naive 4-D tensor would not fit"})
                             continue
-                        fn = _step(backend, inputs, grad, backward, kwargs)
+                        fn = _step(spec, inputs, grad, backward)
+                        if spec.op == "triton":
+                            from dsalign.kernels.maxsim import clear_tuning_report
+                            clear_tuning_report()
                         try:
                             ms = timer(fn)
                             cpu_ms = timer.last_cpu_ms
@@ -241,9 +280,10 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
                             torch.cuda.empty_cache()
                             continue
                         row.update(ms=ms, tflops=flops * (3 if backward else 1) / ms / 1e9, peak_mem_mb=peak)
-                        if backend == "triton":  # which tile and layout the autotuner picked for each kernel
-                            from dsalign.kernels.maxsim import tuned_configs
+                        if spec.op == "triton":  # the autotuner's pick per kernel and what it measured
+                            from dsalign.kernels.maxsim import tuned_configs, tuning_timings
                             row["configs"] = tuned_configs()
+                            row["tuning_ms"] = tuning_timings()
                         if cpu_ms is not None:
                             row["cpu_ms"] = cpu_ms
                         report["results"].append(row)
@@ -254,12 +294,33 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
                               f"check err {errors[backend]:.1e}")
     for skipped in report["skipped"]:
         print(f"skipped: {skipped}")
-    if device == "cpu":
+    if "triton" not in backends:
         report["targets"] = cpu_targets(report["results"], max(sizes), max(dims))
         for target in report["targets"]:
             print(f"target {target['pass']:>7} at B={target['B']}: chunked/torch peak memory "
                   f"{target['memory_ratio']:.3f} (<= 0.1), time {target['time_ratio']:.2f}x (<= 1.2)")
+    else:
+        report["targets"] = gpu_targets(report["results"], report["ceiling"]["tflops"])
+        for target in report["targets"]:
+            print(f"target {target['name']}: {target['value']:.3f} (>= {target['goal']}) "
+                  f"{'met' if target['met'] else 'NOT met'}")
     return report
+
+
+def gpu_targets(results: list[dict], ceiling_tflops: float) -> list[dict]:
+    """Issue 5's GPU targets from this run's rows (bf16): each triton backend's fwd+bwd speed-up over the naive
+    einsum at B = 1024, D = 1024, and the triton forward's share of the matmul ceiling at B = 4096, D = 1024."""
+    rows = {(r["backend"], r["pass"], r["B"], r["D"]): r for r in results if r["dtype"] == "bfloat16"}
+    targets = []
+    naive = rows.get(("torch", "fwd+bwd", 1024, 1024))
+    for backend in ("triton", "triton_fused_bwd"):
+        if naive and (fast := rows.get((backend, "fwd+bwd", 1024, 1024))):
+            targets.append({"name": f"{backend} fwd+bwd speed-up over naive, B=1024 D=1024 bf16",
+                            "value": naive["ms"] / fast["ms"], "goal": 5.0})
+    if forward := rows.get(("triton", "fwd", 4096, 1024)):
+        targets.append({"name": "triton fwd share of the bf16 matmul ceiling, B=4096 D=1024",
+                        "value": forward["tflops"] / ceiling_tflops, "goal": 0.5})
+    return [{**t, "met": t["value"] >= t["goal"]} for t in targets]
 
 
 def cpu_targets(results: list[dict], n: int, dim: int) -> list[dict]:
@@ -280,20 +341,20 @@ def _fmt_mb(peak: float | None) -> str:
     return "n/a" if peak is None else f"{peak:9.1f} MB"
 
 
-def _step(backend: str, inputs: tuple, grad: torch.Tensor, backward: bool,
-          kwargs: dict) -> Callable[[], object]:
+def _step(backend: Backend, inputs: tuple, grad: torch.Tensor, backward: bool) -> Callable[[], object]:
     regions, region_mask, words, word_mask = inputs
     if not backward:
         def forward() -> object:
-            with torch.no_grad():
-                return score(regions, region_mask, words, word_mask, backend=backend, **kwargs)
+            with torch.no_grad(), overridden_env(backend.env):
+                return score(regions, region_mask, words, word_mask, backend=backend.op, **backend.kwargs)
         return forward
     v = regions.detach().clone().requires_grad_()
     w = words.detach().clone().requires_grad_()
 
     def forward_backward() -> object:
         v.grad = w.grad = None
-        score(v, region_mask, w, word_mask, backend=backend, **kwargs).backward(grad)
+        with overridden_env(backend.env):
+            score(v, region_mask, w, word_mask, backend=backend.op, **backend.kwargs).backward(grad)
         return v.grad
     return forward_backward
 
@@ -312,6 +373,9 @@ def main() -> None:
                         help="CUDA only: comma-separated, in the order run (default bf16,fp32)")
     parser.add_argument("--sizes", type=_int_list, default=None, help="batch sizes (default per device)")
     parser.add_argument("--dims", type=_int_list, default=None, help="feature sizes D (default per device)")
+    parser.add_argument("--suite", choices=("cpu", "gpu"), default=None,
+                        help="which backends and targets (default: gpu on CUDA, else cpu); --suite gpu on CPU "
+                             "runs the kernels under TRITON_INTERPRET=1, a smoke test of this script")
     args = parser.parse_args()
     if unknown := [name for name in args.dtypes if name not in DTYPES]:
         parser.error(f"unknown --dtypes {unknown}; choose from {list(DTYPES)}")

@@ -19,15 +19,18 @@ Masking: padded/unreal regions are -inf before the max; padded words and images 
 contribute 0 after it (so such pairs score 0 and get zero gradient).
 
 Backward uses the argmax region per (image, sentence, word) -- saved by the forward in a compact integer
-dtype (int8 when R <= 128) with -1 for "contributes nothing", or recomputed -- and dL/dS laid out the same way
-([B_img, B_sent, T] in the input dtype, so both are read with vector loads along the words). Tile by tile in
-registers it forms the one-hot matrix ``P[(k,i), (l,t)] = G[k,l] * [argmax(k,l,t) == i]``; then
-``dV = P @ W`` and ``dW = P^T @ V`` are ordinary GEMMs: one kernel owns an (image tile, D-chunk) block of dV
-and loops over all sentences, the other a (sentence tile, D-chunk) block of dW and loops over all images.
-Wide D-chunks amortise building P. With ``PAD_REGIONS`` the backward places images R_P rows apart instead,
-so P is expanded in registers from the argmax and dL/dS of each (image, word), read once, at the cost of MMA
-work on the padding rows; the autotuner times both layouts. No atomics, so gradients are bitwise deterministic
-run to run.
+dtype (int8 when R <= 128) with -1 for "contributes nothing", or recomputed -- and forms the one-hot matrix
+``P[(k,i), (l,t)] = G[k,l] * [argmax(k,l,t) == i]``, so that ``dV = P @ W`` and ``dW = P^T @ V`` are ordinary
+GEMMs. By default P is written a block of images (sentences) at a time within a workspace budget
+(``DSALIGN_MAXSIM_WORKSPACE_MB``, default 1024) and each block's GEMM runs in cuBLAS
+(``dsalign.ops.maxsim_grad``). With the budget at 0 the fused backward kernels below run instead: they form P
+tile by tile in registers and need no workspace. dL/dS is then laid out like the argmax ([B_img, B_sent, T] in
+the input dtype, so both are read with vector loads along the words); one kernel owns an (image tile, D-chunk)
+block of dV and loops over all sentences, the other a (sentence tile, D-chunk) block of dW and loops over all
+images. Wide D-chunks amortise building P. With ``PAD_REGIONS`` the backward places images R_P rows apart
+instead, so P is expanded in registers from the argmax and dL/dS of each (image, word), read once, at the cost
+of MMA work on the padding rows; the autotuner times both layouts. Neither path uses atomics: the fused kernels
+are bitwise deterministic run to run, and so is cuBLAS on one GPU model (its documented guarantee).
 
 Accumulation is fp32 for fp32/fp16/bf16 inputs and S is returned in fp32; the gradients come back in the
 input dtype (in the 16-bit backward the one-hot operand carries G rounded to that dtype). Under
@@ -48,7 +51,11 @@ if not hasattr(triton, "constexpr_function"):  # an ImportError, so the score op
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402  (TMA descriptors built on the host)
 
+from dsalign.ops.maxsim_grad import onehot_gemm_grads  # noqa: E402
+
 AUTOTUNE_ENV = "DSALIGN_TRITON_AUTOTUNE"
+WORKSPACE_ENV = "DSALIGN_MAXSIM_WORKSPACE_MB"
+DEFAULT_WORKSPACE_MB = 1024
 
 
 @triton.constexpr_function
@@ -387,11 +394,31 @@ _bwd_dw = triton.autotune(configs=_configs(BACKWARD_SPACE, BACKWARD_FLAGS), key=
     _maxsim_bwd_dw_kernel)
 
 
+_TUNERS = {"forward": _fwd, "backward_dv": _bwd_dv, "backward_dw": _bwd_dw}
+
+
 def tuned_configs() -> dict[str, str | None]:
-    """The config each kernel ran with in its latest autotuned launch (None before one): what a benchmark
-    records beside its timings, to tell which tile and layout won on that GPU."""
+    """The config each kernel ran with in its latest autotuned launch (None before one, or since
+    ``clear_tuning_report``): what a benchmark records beside its timings, to tell which tile and layout won
+    on that GPU."""
     return {name: (str(tuner.best_config) if getattr(tuner, "best_config", None) else None)
-            for name, tuner in (("forward", _fwd), ("backward_dv", _bwd_dv), ("backward_dw", _bwd_dw))}
+            for name, tuner in _TUNERS.items()}
+
+
+def tuning_timings() -> dict[str, list[tuple[str, float]]]:
+    """Per kernel tuned since ``clear_tuning_report``: every config the autotuner timed and its median ms,
+    fastest first (the data for pruning a search space)."""
+    return {name: sorted(((str(config), float(ms[0] if isinstance(ms, list | tuple) else ms))
+                          for config, ms in tuner.configs_timings.items()), key=lambda item: item[1])
+            for name, tuner in _TUNERS.items() if getattr(tuner, "configs_timings", None)}
+
+
+def clear_tuning_report() -> None:
+    """Forget which configs ran and what tuning measured (the tuned choices stay cached), so that the next
+    reports cover only the launches after this call."""
+    for tuner in _TUNERS.values():
+        tuner.best_config = None
+        tuner.configs_timings = None
 
 
 def _per_tile(block: int, padded: int, count: int, pad: bool = False) -> int:
@@ -507,6 +534,20 @@ def maxsim_backward(regions: torch.Tensor, words: torch.Tensor, grad_scores: tor
     return grad_v, grad_w
 
 
+def backward_workspace_bytes() -> int:
+    """The one-hot GEMM backward's budget from ``DSALIGN_MAXSIM_WORKSPACE_MB`` (MiB, default 1024), read at
+    each backward; 0 selects the fused backward kernels, which need no workspace."""
+    raw = os.environ.get(WORKSPACE_ENV, str(DEFAULT_WORKSPACE_MB))
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise ValueError(f"${WORKSPACE_ENV} must be a whole number of MiB >= 0 (0: fused backward kernels, no "
+                         f"workspace); got {raw!r}")
+    return mib << 20
+
+
 class _MaxSimFunction(torch.autograd.Function):
     """Autograd wrapper; the argmax is saved (compact) or recomputed in backward when save_argmax=False."""
 
@@ -521,11 +562,14 @@ class _MaxSimFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_scores: torch.Tensor):
         regions, region_mask, words, word_mask, argmax = ctx.saved_tensors
+        workspace = backward_workspace_bytes()
         if argmax is None:
             _, argmax = maxsim_forward(regions, region_mask, words, word_mask, return_argmax=True)
-        grad_v, grad_w = maxsim_backward(regions, words, grad_scores, argmax,
-                                         need_regions=ctx.needs_input_grad[0],
-                                         need_words=ctx.needs_input_grad[2])
+        needs = {"need_regions": ctx.needs_input_grad[0], "need_words": ctx.needs_input_grad[2]}
+        if workspace:
+            grad_v, grad_w = onehot_gemm_grads(regions, words, grad_scores, argmax, workspace, **needs)
+        else:
+            grad_v, grad_w = maxsim_backward(regions, words, grad_scores, argmax, **needs)
         return grad_v, None, grad_w, None, None
 
 
@@ -534,7 +578,7 @@ def maxsim_score(regions: torch.Tensor, region_mask: torch.Tensor, words: torch.
     """Differentiable S [B_img, B_sent]; the argmax is only computed when a gradient will be needed.
 
     save_argmax=False trades a second forward pass in backward for not keeping B_img*B_sent*T bytes alive
-    between forward and backward.
+    between forward and backward. The backward's path and workspace: ``DSALIGN_MAXSIM_WORKSPACE_MB``.
     """
     if torch.is_grad_enabled() and (regions.requires_grad or words.requires_grad):
         return _MaxSimFunction.apply(regions, region_mask, words, word_mask, save_argmax)

@@ -3,7 +3,8 @@
 Tolerances, relative to the largest reference magnitude: fp32 inputs 1e-5 for S and both gradients (fp32
 accumulation; on a GPU with TF32 enabled expect ~1e-3). bf16 inputs are compared with the reference evaluated
 on the same bf16-rounded values: S is fp32 (exact bf16 products, fp32 sums) so 1e-5; the gradients are built
-from dL/dS rounded to bf16 and stored in bf16, two roundings of at most 2^-8 each, so 2^-6.
+from dL/dS rounded to bf16 and stored in bf16, two roundings of at most 2^-8 each, so 2^-6. The backward runs
+both ways: the one-hot GEMMs (the default) and the fused kernels (``DSALIGN_MAXSIM_WORKSPACE_MB=0``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ DEVICE = "cpu" if interpreted() or not torch.cuda.is_available() else "cuda"
 SHAPES = [(3, 4, 5, 7, 40), (1, 3, 1, 1, 16), (5, 6, 20, 20, 70), (13, 11, 9, 13, 20), (2, 3, 64, 64, 24),
           (20, 19, 3, 3, 33), (2, 2, 100, 3, 16)]
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2**-6)}
+BACKWARDS = {"fused": "0", "gemm": "1024"}  # DSALIGN_MAXSIM_WORKSPACE_MB per backward path
+
+
+@pytest.fixture
+def fused_backward(monkeypatch):
+    """The fused Triton backward kernels instead of the one-hot GEMMs, for the tests of their tiles."""
+    from dsalign.kernels import maxsim
+
+    monkeypatch.setenv(maxsim.WORKSPACE_ENV, BACKWARDS["fused"])
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
@@ -47,9 +57,13 @@ def run(regions, region_mask, words, word_mask, grad, save_argmax=True):
     return s, v.grad, w.grad
 
 
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_matches_reference(shape, dtype):
+def test_kernel_matches_reference(monkeypatch, shape, dtype, backward):
+    from dsalign.kernels import maxsim
+
+    monkeypatch.setenv(maxsim.WORKSPACE_ENV, BACKWARDS[backward])
     regions, region_mask, words, word_mask = ragged_inputs(*shape, dtype=dtype, seed=sum(shape))
     grad = torch.randn(shape[0], shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     s, gv, gw = run(regions, region_mask, words, word_mask, grad)
@@ -64,7 +78,11 @@ def test_kernel_matches_reference(shape, dtype):
         assert (s[1] == 0).all() and (gv[1] == 0).all()
 
 
-def test_argmax_saved_or_recomputed_and_deterministic():
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_argmax_saved_or_recomputed_and_deterministic(monkeypatch, backward):
+    from dsalign.kernels import maxsim
+
+    monkeypatch.setenv(maxsim.WORKSPACE_ENV, BACKWARDS[backward])
     regions, region_mask, words, word_mask = ragged_inputs(4, 5, 6, 7, 40, dtype=torch.float32)
     grad = torch.randn(4, 5, dtype=torch.float64)
     first = run(regions, region_mask, words, word_mask, grad, save_argmax=True)
@@ -72,6 +90,16 @@ def test_argmax_saved_or_recomputed_and_deterministic():
     recomputed = run(regions, region_mask, words, word_mask, grad, save_argmax=False)
     for a, b, c in zip(first, again, recomputed):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_malformed_workspace_setting_is_one_clear_error(monkeypatch):
+    from dsalign.kernels import maxsim
+
+    regions, region_mask, words, word_mask = ragged_inputs(2, 3, 4, 5, 8, dtype=torch.float32)
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setenv(maxsim.WORKSPACE_ENV, bad)
+        with pytest.raises(ValueError, match="DSALIGN_MAXSIM_WORKSPACE_MB must be a whole number"):
+            run(regions, region_mask, words, word_mask, torch.ones(2, 3, dtype=torch.float64))
 
 
 def test_argmax_matches_word_region_similarity():
@@ -108,6 +136,7 @@ def force_config(monkeypatch, tuner, config) -> None:
     monkeypatch.setattr(tuner, "cache", {})
 
 
+@pytest.mark.usefixtures("fused_backward")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tile_layouts_agree(monkeypatch, dtype):
     """Every tile layout the autotuner may pick must give the reference scores and gradients: the forward's
@@ -169,6 +198,7 @@ def test_tma_only_where_descriptors_can_be_made(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the GPU search space only compiles for a CUDA device")
+@pytest.mark.usefixtures("fused_backward")
 def test_every_gpu_config_matches_reference(monkeypatch):
     """Each block-size config the autotuner may pick, forced in turn: a miscompiled tile shape must not hide
     behind the autotuner choosing another one on the test's shapes."""

@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 
+from dsalign.ops.maxsim_grad import scatter_onehot
+
 BACKENDS = ("torch", "torch_chunked", "triton")
 ENV_VAR = "DSALIGN_SCORE_BACKEND"
 DEFAULT_CHUNK_ELEMS = 1 << 22
@@ -170,7 +172,7 @@ class _ChunkedScore(torch.autograd.Function):
                 idx = sim.max(dim=1, keepdim=True).indices  # max().indices: ~5x faster than argmax on CPU
                 coef = torch.where(_keep(region_mask[ks], word_mask[ls]), grad_scores[ks, ls, None], 0)
                 # One-hot of the argmax region scaled by dL/dS: both gradients become plain GEMMs.
-                onehot = sim.zero_().scatter_(1, idx, coef[:, None]).view(len(v) * n_reg, -1)
+                onehot = scatter_onehot(sim, idx, coef[:, None])
                 grad_v[ks] += (onehot @ w.reshape(-1, w.shape[-1])).view_as(v)
                 grad_w[ls] += (onehot.T @ v.reshape(-1, v.shape[-1])).view_as(w)
         return grad_v.to(regions.dtype), None, grad_w.to(words.dtype), None, None
