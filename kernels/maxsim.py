@@ -3,12 +3,13 @@
 Layout of a forward tile: the regions of ``BLOCK_M // R`` images packed R rows apart form the rows of one GEMM
 operand and the words of ``BLOCK_N // T`` sentences packed T columns apart form the columns (a tile grows to
 the next power of two above R or T when one image or sentence does not fit). A single ``tl.dot`` chain over
-D-chunks gives every region-word similarity of the tile in registers; the max over an image's regions is a
-masked column max (with argmax) and the sum over a sentence's words a masked row sum. Nothing is padded to a
+D-chunks gives every region-word similarity of the tile in registers; the max over each image's regions is a
+masked column max (with the argmax when it is stored), gathered into one [images, words] tensor, and the sums
+over each sentence's words are then one masked reduction for the whole tile. Nothing is padded to a
 power of two per image or sentence, so at R = T = 20 a 128 x 128 tile spends 88% of its products on real
 pairs (39% with 32 x 32 padding per pair). The 4-D similarity tensor never exists in memory. The tile can also
 be computed transposed (``WORDS_AS_ROWS``: words x regions), which turns the max over regions into a reduction
-within a warp (8 barriers and 25 shuffles in the sm_90 code instead of 37 and 390); the autotuner times both.
+within a warp instead of one across warps; the autotuner times both.
 On sm_90+ the operands can also arrive by TMA (``USE_TMA``): host-made descriptors of the [B_img * R, D] and
 [B_sent * T, D] row views, one block per tile starting at its first image / sentence (rows that run into the
 next ones are masked like padding), so the main loop holds no per-element addresses. And the tile can place
@@ -144,42 +145,49 @@ def _maxsim_fwd_kernel(
     s_local = tl.arange(0, SPT_P)
     ts = pid_s * spt + s_local
     s_ok = (s_local < spt) & (ts < n_sent)
-    if WORDS_AS_ROWS:
-        acc = tl.where(real_r[None, :], acc, float("-inf"))
-        member = (local_snt[:, None] == s_local[None, :]) & real_w[:, None]
-    else:
-        acc = tl.where(real_r[:, None], acc, float("-inf"))
-        member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]
+    acc = tl.where(real_r[None, :] if WORDS_AS_ROWS else real_r[:, None], acc, float("-inf"))
+    # best[i, n]: the best real region of the tile's image i for word column n (-inf without one). The argmax
+    # is tracked only when it is stored: a max with indices does twice the work of a plain one.
     if PAD_REGIONS:  # images R_P rows apart: one max over the middle axis serves every image of the tile
         IPT: tl.constexpr = M // R_P
-        best, arg = tl.max(tl.reshape(acc, (IPT, R_P, N)), axis=1, return_indices=True)  # [IPT, N]
+        tiled = tl.reshape(acc, (IPT, R_P, N))
+        if STORE_ARGMAX:
+            best, arg = tl.max(tiled, axis=1, return_indices=True)  # [IPT, N]
+        else:
+            best = tl.max(tiled, axis=1)
         has_region = tl.max(tl.reshape(real_r.to(tl.int32), (IPT, R_P)), axis=1) > 0
-        score = tl.sum(tl.where(member[None, :, :] & has_region[:, None, None], best[:, None, :], 0.0), axis=2)
-        k = pid_i * IPT + tl.arange(0, IPT)
-        k_ok = k < n_img
-        tl.store(S + k.to(tl.int64)[:, None] * s_sb + ts[None, :] * s_ss, score.to(S.dtype.element_ty),
-                 mask=k_ok[:, None] & s_ok[None, :])
+        i_local = tl.arange(0, IPT)
+        k = pid_i * IPT + i_local
         if STORE_ARGMAX:
             tl.store(A + (k.to(tl.int64)[:, None] * n_sent + snt[None, :]) * T + wrd[None, :],
                      tl.where(real_w[None, :] & has_region[:, None], arg, -1).to(A.dtype.element_ty),
-                     mask=k_ok[:, None] & col_ok[None, :])
+                     mask=(k < n_img)[:, None] & col_ok[None, :])
     else:
-        # Images are packed R apart (no padding to a power of two), so the max over an image's regions is a masked
-        # max per image of the tile and the sum over a sentence's words a masked sum.
+        # Images packed R apart (no padding to a power of two): a masked max per image of the tile, gathered into
+        # one [images, words] tensor so that the sum over each sentence's words is one reduction for the tile.
+        IPT: tl.constexpr = 2 * M // R_P  # a power of two >= M // R, as R > R_P / 2
+        i_local = tl.arange(0, IPT)
+        best = tl.full((IPT, N), float("-inf"), tl.float32)
         for j in range(0, tl.minimum(ipt, n_img - pid_i * ipt)):
-            mine = local_img == j
-            has_region = tl.sum((mine & real_r).to(tl.int32), axis=0) > 0
-            if WORDS_AS_ROWS:
-                best, arg = tl.max(tl.where(mine[None, :], acc, float("-inf")), axis=1, return_indices=True)
-                score = tl.sum(tl.where(member & has_region, best[:, None], 0.0), axis=0)
-            else:
-                best, arg = tl.max(tl.where(mine[:, None], acc, float("-inf")), axis=0, return_indices=True)
-                score = tl.sum(tl.where(member & has_region, best[None, :], 0.0), axis=1)
-            k = (pid_i * ipt + j).to(tl.int64)
-            tl.store(S + k * s_sb + ts * s_ss, score.to(S.dtype.element_ty), mask=s_ok)
+            masked = tl.where((local_img == j)[None, :], acc, float("-inf")) if WORDS_AS_ROWS else tl.where(
+                (local_img == j)[:, None], acc, float("-inf"))
             if STORE_ARGMAX:
-                tl.store(A + (k * n_sent + snt) * T + wrd,
-                         tl.where(real_w & has_region, arg - j * R, -1).to(A.dtype.element_ty), mask=col_ok)
+                best_j, arg = tl.max(masked, axis=1 if WORDS_AS_ROWS else 0, return_indices=True)
+                k = (pid_i * ipt + j).to(tl.int64)
+                tl.store(A + (k * n_sent + snt) * T + wrd,  # -inf: the image has no real region
+                         tl.where(real_w & (best_j > float("-inf")), arg - j * R, -1).to(A.dtype.element_ty),
+                         mask=col_ok)
+            else:
+                best_j = tl.max(masked, axis=1 if WORDS_AS_ROWS else 0)
+            best = tl.where(i_local[:, None] == j, best_j[None, :], best)
+        has_region = tl.sum(((local_img[None, :] == i_local[:, None]) & real_r[None, :]).to(tl.int32), axis=1) > 0
+        k = pid_i * ipt + i_local
+    # S[image, sentence]: the sum of best over the sentence's real words, 0 for an image without real regions.
+    member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]  # [SPT_P, N]
+    score = tl.sum(tl.where(member[None, :, :] & has_region[:, None, None], best[:, None, :], 0.0), axis=2)
+    k_ok = (i_local < ipt) & (k < n_img)
+    tl.store(S + k.to(tl.int64)[:, None] * s_sb + ts[None, :] * s_ss, score.to(S.dtype.element_ty),
+             mask=k_ok[:, None] & s_ok[None, :])
 
 
 @triton.jit
@@ -293,20 +301,26 @@ def interpreted() -> bool:
     return isinstance(_maxsim_fwd_kernel, InterpretedFunction)
 
 
-# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, flags...): BLOCK_M rows of regions,
-# BLOCK_N columns of words; the autotuner measures every config. The forward is a GEMM over D with a max/sum
-# epilogue, in either orientation (WORDS_AS_ROWS), its operands read through pointers (cp.async) or TMA
-# descriptors (USE_TMA: no per-element address arithmetic; dropped when the inputs cannot have descriptors).
-# The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide D-chunks amortise it;
-# for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N words, for dW it is BLOCK_N rows x
-# BLOCK_D over BLOCK_M regions. PAD_REGIONS (both passes) places images R_P (a power of two) rows apart instead
-# of R: the MMA wastes the padding rows (37% at R = 20), but in the forward the per-image max becomes one
-# reduction for all images of the tile instead of a masked pass per image (the kernel as first written, with R
-# and T both padded, did 2.25x the MMA work and ran only 1.1x slower, so the epilogue weighs more than padding
-# rows), and in the backward the one-hot operand is expanded in registers from one argmax and dL/dS load per
-# (image, word) instead of one per (region, word). Compiled for sm_90 (triton 3.8): padded backward tiles have
-# 2-4 global load instructions instead of 32-128 and no spills (6 of the 16 packed ones spill); padded forward
-# tiles compile without spills at 128 x 256 and 256 x 128, where the packed epilogue spills 112-408 B/thread.
+# GPU search spaces as (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, flags..., [register cap]): BLOCK_M
+# rows of regions, BLOCK_N columns of words; the autotuner measures every config. The forward is a GEMM over D
+# with a max/sum epilogue, in either orientation (WORDS_AS_ROWS), its operands read through pointers (cp.async)
+# or TMA descriptors (USE_TMA: no per-element address arithmetic; dropped when the inputs cannot have
+# descriptors). The backward kernels rebuild their one-hot operand for every D-chunk they own, so wide D-chunks
+# amortise it; for dV the tile is BLOCK_M rows x BLOCK_D and the loop runs over BLOCK_N words, for dW it is
+# BLOCK_N rows x BLOCK_D over BLOCK_M regions. PAD_REGIONS (both passes) places images R_P (a power of two) rows
+# apart instead of R: the MMA wastes the padding rows (37% at R = 20), but in the forward the per-image max
+# becomes one reduction for all images of the tile instead of a masked pass per image, and in the backward the
+# one-hot operand is expanded in registers from one argmax and dL/dS load per (image, word) instead of one per
+# (region, word).
+# Where the forward's time goes, from its sm_90 code (triton 3.8's ptxas, R = T = 20, D = 1024, bf16; no GPU):
+# a 128 x 128 tile's MMA takes ~8.9k cycles of one SM and its main loop issues ~100 instructions per D-chunk
+# (tensor-bound); its epilogue, as first written, took ~25k issue cycles for 8 warps with regions as rows (two
+# reductions across warps per image: the max, then the sum over each sentence's words) -- which predicts the
+# 25% of the matmul measured on an H200 -- and ~7.6k with words as rows. It now gathers the per-image maxima
+# into one [images, words] tensor and sums each sentence's words once per tile (8k and 4.5k issue cycles
+# without the argmax, which only training stores), and three tiles cap registers at 128 per thread so that two
+# blocks share an SM and one's epilogue overlaps the other's MMA (regions as rows then compile without spills
+# when no argmax is stored).
 FORWARD_SPACE = [  # ..., WORDS_AS_ROWS, USE_TMA, PAD_REGIONS
     (64, 64, 64, 4, 3, False, False, False), (64, 128, 64, 4, 4, False, False, False),
     (128, 64, 64, 4, 4, False, False, False), (128, 128, 64, 8, 3, False, False, False),
@@ -319,6 +333,8 @@ FORWARD_SPACE = [  # ..., WORDS_AS_ROWS, USE_TMA, PAD_REGIONS
     (128, 128, 64, 8, 3, True, True, False),
     (128, 128, 64, 8, 3, False, False, True), (128, 128, 64, 8, 4, False, False, True),
     (128, 256, 64, 8, 3, False, False, True), (256, 128, 64, 8, 3, False, False, True),
+    (128, 128, 64, 8, 3, False, False, False, 128), (128, 128, 64, 8, 3, False, True, False, 128),
+    (128, 128, 64, 8, 3, False, False, True, 128),
 ]
 BACKWARD_SPACE = [
     (64, 64, 64, 4, 3, False), (64, 64, 128, 4, 3, False), (128, 64, 128, 8, 3, False), (64, 128, 128, 8, 3, False),
@@ -340,7 +356,8 @@ def _configs(space: list[tuple], flags: tuple[str, ...] = ()) -> list[triton.Con
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         space = space[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, **dict(zip(flags, rest))},
-                          num_warps=w, num_stages=st, pre_hook=hook)
+                          num_warps=w, num_stages=st, maxnreg=rest[len(flags)] if len(rest) > len(flags) else None,
+                          pre_hook=hook)
             for bm, bn, bd, w, st, *rest in space]
 
 
