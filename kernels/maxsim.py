@@ -55,6 +55,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402  (TMA 
 from dsalign.ops.maxsim_grad import onehot_gemm_grads  # noqa: E402
 
 AUTOTUNE_ENV = "DSALIGN_TRITON_AUTOTUNE"
+EPILOGUE_LIMIT = 1 << 14  # values of the forward's gathered word sums per tile; beyond, per-image sums
 WORKSPACE_ENV = "DSALIGN_MAXSIM_WORKSPACE_MB"
 DEFAULT_WORKSPACE_MB = 1024
 
@@ -64,6 +65,21 @@ def _tile_side(block: int, padded: int) -> int:
     """Tile height (width): BLOCK_M (BLOCK_N), grown to R_P (T_P) when one image (sentence) does not fit (both
     powers of two). One function for the kernels' ``M`` / ``N`` and the host's grids and TMA block shapes."""
     return max(block, padded)
+
+
+@triton.constexpr_function
+def _epilogue_elems(M: int, N: int, R_P: int, T_P: int, padded: bool) -> int:
+    """Elements of the forward's one-reduction sum over words, [images, sentences, word columns] per tile: what
+    must fit in registers for the tile's maxima to be gathered (images R_P rows apart when ``padded``, else
+    packed R > R_P / 2 apart)."""
+    return (M // R_P if padded else 2 * M // R_P) * (2 * N // T_P) * N
+
+
+@triton.constexpr_function
+def _gathers_maxima(M: int, N: int, R_P: int, T_P: int) -> bool:
+    """Packed forward tiles gather their per-image maxima for one sum over words when that stays within 64
+    fp32 values per thread of 8 warps (R = T = 20: 128 x 128 and 256 x 128 tiles, not 128 x 256)."""
+    return _epilogue_elems(M, N, R_P, T_P, False) <= EPILOGUE_LIMIT
 
 
 @triton.jit
@@ -146,8 +162,9 @@ def _maxsim_fwd_kernel(
     ts = pid_s * spt + s_local
     s_ok = (s_local < spt) & (ts < n_sent)
     acc = tl.where(real_r[None, :] if WORDS_AS_ROWS else real_r[:, None], acc, float("-inf"))
-    # best[i, n]: the best real region of the tile's image i for word column n (-inf without one). The argmax
-    # is tracked only when it is stored: a max with indices does twice the work of a plain one.
+    # best[i, n]: the best real region of the tile's image i for word column n, -inf when the image has none (such
+    # a pair contributes 0). The argmax is tracked only when it is stored: a max with indices does twice the work.
+    member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]  # [SPT_P, N]: word column in sentence
     if PAD_REGIONS:  # images R_P rows apart: one max over the middle axis serves every image of the tile
         IPT: tl.constexpr = M // R_P
         tiled = tl.reshape(acc, (IPT, R_P, N))
@@ -155,39 +172,44 @@ def _maxsim_fwd_kernel(
             best, arg = tl.max(tiled, axis=1, return_indices=True)  # [IPT, N]
         else:
             best = tl.max(tiled, axis=1)
-        has_region = tl.max(tl.reshape(real_r.to(tl.int32), (IPT, R_P)), axis=1) > 0
         i_local = tl.arange(0, IPT)
-        k = pid_i * IPT + i_local
         if STORE_ARGMAX:
+            k = pid_i * IPT + i_local
             tl.store(A + (k.to(tl.int64)[:, None] * n_sent + snt[None, :]) * T + wrd[None, :],
-                     tl.where(real_w[None, :] & has_region[:, None], arg, -1).to(A.dtype.element_ty),
+                     tl.where(real_w[None, :] & (best != float("-inf")), arg, -1).to(A.dtype.element_ty),
                      mask=(k < n_img)[:, None] & col_ok[None, :])
     else:
         # Images packed R apart (no padding to a power of two): a masked max per image of the tile, gathered into
-        # one [images, words] tensor so that the sum over each sentence's words is one reduction for the tile.
+        # one [images, words] tensor so that the sum over each sentence's words is one reduction for the tile --
+        # unless tiny R and T put so many images x sentences in a tile that the gathered sums would not fit in
+        # registers; each image's sums are then taken in turn.
         IPT: tl.constexpr = 2 * M // R_P  # a power of two >= M // R, as R > R_P / 2
+        GATHER: tl.constexpr = _gathers_maxima(M, N, R_P, T_P)
         i_local = tl.arange(0, IPT)
         best = tl.full((IPT, N), float("-inf"), tl.float32)
         for j in range(0, tl.minimum(ipt, n_img - pid_i * ipt)):
             masked = tl.where((local_img == j)[None, :], acc, float("-inf")) if WORDS_AS_ROWS else tl.where(
                 (local_img == j)[:, None], acc, float("-inf"))
+            k = (pid_i * ipt + j).to(tl.int64)
             if STORE_ARGMAX:
                 best_j, arg = tl.max(masked, axis=1 if WORDS_AS_ROWS else 0, return_indices=True)
-                k = (pid_i * ipt + j).to(tl.int64)
-                tl.store(A + (k * n_sent + snt) * T + wrd,  # -inf: the image has no real region
-                         tl.where(real_w & (best_j > float("-inf")), arg - j * R, -1).to(A.dtype.element_ty),
+                tl.store(A + (k * n_sent + snt) * T + wrd,
+                         tl.where(real_w & (best_j != float("-inf")), arg - j * R, -1).to(A.dtype.element_ty),
                          mask=col_ok)
             else:
                 best_j = tl.max(masked, axis=1 if WORDS_AS_ROWS else 0)
-            best = tl.where(i_local[:, None] == j, best_j[None, :], best)
-        has_region = tl.sum(((local_img[None, :] == i_local[:, None]) & real_r[None, :]).to(tl.int32), axis=1) > 0
+            if GATHER:
+                best = tl.where(i_local[:, None] == j, best_j[None, :], best)
+            else:
+                score = tl.sum(tl.where(member & (best_j != float("-inf"))[None, :], best_j[None, :], 0.0), axis=1)
+                tl.store(S + k * s_sb + ts * s_ss, score.to(S.dtype.element_ty), mask=s_ok)
+    if PAD_REGIONS or GATHER:  # S[image, sentence]: one sum over the words of the tile
+        score = tl.sum(tl.where(member[None, :, :] & (best != float("-inf"))[:, None, :], best[:, None, :], 0.0),
+                       axis=2)
         k = pid_i * ipt + i_local
-    # S[image, sentence]: the sum of best over the sentence's real words, 0 for an image without real regions.
-    member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]  # [SPT_P, N]
-    score = tl.sum(tl.where(member[None, :, :] & has_region[:, None, None], best[:, None, :], 0.0), axis=2)
-    k_ok = (i_local < ipt) & (k < n_img)
-    tl.store(S + k.to(tl.int64)[:, None] * s_sb + ts[None, :] * s_ss, score.to(S.dtype.element_ty),
-             mask=k_ok[:, None] & s_ok[None, :])
+        k_ok = (i_local < ipt) & (k < n_img)
+        tl.store(S + k.to(tl.int64)[:, None] * s_sb + ts[None, :] * s_ss, score.to(S.dtype.element_ty),
+                 mask=k_ok[:, None] & s_ok[None, :])
 
 
 @triton.jit
@@ -399,12 +421,21 @@ def _tma_operands(regions: torch.Tensor, words: torch.Tensor, r_p: int, t_p: int
                              for x in (regions, words))
 
 
+def _prune_forward_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """``_prune_configs``, and forward tiles with images padded to R_P rows go when their one sum over words
+    would not fit in registers (tiny R and T; packed tiles then sum per image)."""
+    r_p, t_p = kwargs["R_P"], kwargs["T_P"]
+    return _prune_configs([c for c in configs if not c.kwargs.get("PAD_REGIONS") or _epilogue_elems(
+        _tile_side(c.kwargs["BLOCK_M"], r_p), _tile_side(c.kwargs["BLOCK_N"], t_p), r_p, t_p, True) <= EPILOGUE_LIMIT],
+        named_args, **kwargs)
+
+
 _PRUNE = {"early_config_prune": _prune_configs}
 # Batch sizes are part of the key: the best tile for a 64 x 64 check differs from a 4096 x 4096 batch, and a
 # training run sees only a few distinct sizes.
 _KEY = ["n_img", "n_sent", "R", "T", "D", "UPCAST", "PRECISION"]
 _fwd = triton.autotune(configs=_configs(FORWARD_SPACE, FORWARD_FLAGS), key=[*_KEY, "STORE_ARGMAX"],
-                       prune_configs_by=_PRUNE)(_maxsim_fwd_kernel)
+                       prune_configs_by={"early_config_prune": _prune_forward_configs})(_maxsim_fwd_kernel)
 _bwd_dv = triton.autotune(configs=_configs(BACKWARD_SPACE, BACKWARD_FLAGS), key=_KEY, prune_configs_by=_PRUNE)(
     _maxsim_bwd_dv_kernel)
 _bwd_dw = triton.autotune(configs=_configs(BACKWARD_SPACE, BACKWARD_FLAGS), key=_KEY, prune_configs_by=_PRUNE)(

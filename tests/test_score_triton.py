@@ -10,6 +10,7 @@ both ways: the one-hot GEMMs (the default) and the fused kernels (``DSALIGN_MAXS
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or dsalign.kernels is first imported
 
@@ -195,6 +196,23 @@ def test_tma_only_where_descriptors_can_be_made(monkeypatch):
         return
     assert v_desc is not None and w_desc is not None
     assert regions.is_contiguous() and torch.equal(regions, strided) and v_desc.shape == [6, 8]
+
+
+def test_epilogue_fits_registers_for_any_region_and_word_count():
+    """Tiny R and T pack hundreds of images x sentences into a tile: the padded-image forward configs, whose sum
+    over words is one [images, sentences, words] reduction, are pruned there, and packed tiles sum per image
+    (the interpreter tests above cover both packed paths: R = T = 20 gathers, R = T = 1 or 3 does not)."""
+    from dsalign.kernels import maxsim
+
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_D", *maxsim.FORWARD_FLAGS)  # the GPU space, also under the interpreter
+    configs = [SimpleNamespace(kwargs=dict(zip(names, (bm, bn, bd, *flags))))
+               for bm, bn, bd, _, _, *flags in maxsim.FORWARD_SPACE]
+    padded = sum(bool(c.kwargs["PAD_REGIONS"]) for c in configs)
+    for (r_p, t_p), kept_padded in (((32, 32), padded), ((1, 1), 0), ((4, 4), 0)):
+        kept = maxsim._prune_forward_configs(configs, {"V_DESC": object()}, R_P=r_p, T_P=t_p, PRECISION="tf32")
+        assert sum(bool(c.kwargs["PAD_REGIONS"]) for c in kept) == kept_padded
+        assert len(kept) == len(configs) - padded + kept_padded
+    assert maxsim._gathers_maxima(128, 128, 32, 32) and not maxsim._gathers_maxima(128, 128, 1, 1)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the GPU search space only compiles for a CUDA device")
