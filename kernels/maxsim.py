@@ -541,7 +541,19 @@ def maxsim_forward(regions: torch.Tensor, region_mask: torch.Tensor, words: torc
         *regions.stride(), *words.stride(), *scores.stride(),
         R_P=r_p, T_P=t_p, STORE_ARGMAX=return_argmax, **_launch_flags(regions.dtype),
     )
+    _mark_non_finite(scores, regions, region_mask, words, word_mask)
     return scores, (argmax if return_argmax else None)
+
+
+def _mark_non_finite(scores: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor,
+                     words: torch.Tensor, word_mask: torch.Tensor) -> None:
+    """NaN for every pair that has a term and a non-finite real region or word, as the torch backends give
+    NaN or +-inf there: the kernels' max ignores NaN (a diverging model's loss must not stay finite). A few
+    elementwise passes over the inputs, no host sync."""
+    bad_img = (~regions.isfinite().all(-1) & region_mask).any(-1)
+    bad_sent = (~words.isfinite().all(-1) & word_mask).any(-1)
+    has_img, has_sent = region_mask.any(-1), word_mask.any(-1)
+    scores.masked_fill_((bad_img[:, None] & has_sent[None, :]) | (has_img[:, None] & bad_sent[None, :]), float("nan"))
 
 
 def maxsim_backward(regions: torch.Tensor, words: torch.Tensor, grad_scores: torch.Tensor,

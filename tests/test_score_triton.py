@@ -122,6 +122,24 @@ def test_strided_inputs_and_dispatch():
     close(s, reference(regions, region_mask, words, word_mask, grad)[0], 1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy dot
+def test_non_finite_real_features_make_their_pairs_nan_like_the_torch_backend():
+    """The kernel's max would skip a NaN region; a diverging model must not get a finite loss from it."""
+    regions, region_mask, words, word_mask = ragged_inputs(4, 5, 6, 7, 16, dtype=torch.float32)
+    real_region = region_mask[2].nonzero()[0, 0]
+    regions[2, real_region, 3] = float("nan")
+    words[0, word_mask[0].nonzero()[0, 0], 1] = float("inf")
+    regions[3, (~region_mask[3]).nonzero()[0, 0]] = float("nan")  # padded: ignored
+    got = score(regions.to(DEVICE), region_mask.to(DEVICE), words.to(DEVICE), word_mask.to(DEVICE),
+                backend="triton").cpu()
+    want = score(regions, region_mask, words, word_mask, backend="torch")
+    assert torch.equal(got.isfinite(), want.isfinite())
+    assert got[2, :-1].isnan().all() and got[[0, 2, 3], 0].isnan().all()  # sentence 4 has no word, image 1 no region
+    assert (got[2, -1] == 0) and (got[1] == 0).all()
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite].float())
+
+
 def test_empty_batch_and_argmax_dtypes():
     s, argmax = maxsim_forward(torch.zeros(0, 3, 16, device=DEVICE), torch.zeros(0, 3, dtype=torch.bool,
                                device=DEVICE), torch.zeros(2, 4, 16, device=DEVICE),

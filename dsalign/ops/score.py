@@ -10,6 +10,8 @@ Conventions shared by every backend:
   compares scores at margin 1, which bf16 cannot resolve at typical |S|. Gradients come back in the input
   dtype.
 - Ties between regions send the whole gradient to one of them (the first, for the Triton kernel).
+- A non-finite real region or word makes the scores of its pairs non-finite (NaN from ``triton``, NaN or
+  +-inf from the torch backends), so a diverging model cannot produce a finite loss.
 
 Backends:
 - ``torch``: reference; materialises the [B_img, R, B_sent, T] similarity tensor. For tests and small inputs.
