@@ -4,10 +4,11 @@ With the argmax region per (image k, sentence l, word t), the gradient of S_kl =
 is ``dV = P @ W`` and ``dW = P^T @ V`` over the [B_img * R, D] and [B_sent * T, D] row views, where
 ``P[(k, i), (l, t)] = dL/dS[k, l]`` if word t of sentence l took region i of image k and 0 otherwise. Whole, P
 is the [B_img, R, B_sent, T] tensor the score backends avoid; here it exists one block of images (for dV) or of
-sentences (for dW) at a time, each block sized to a byte budget, so memory stays O(B^2 + inputs + budget).
-Each block's product is one BLAS call (cuBLAS on a GPU): the tensor cores spend R times the needed products on
-zeros but run at dense-GEMM throughput, and writing P costs one pass over the block's memory.
-Every entry of P is written by exactly one (image, sentence, word), so the result is deterministic.
+sentences (for dW) at a time, each block sized to a byte budget, so memory stays O(B^2 + inputs + budget) (one
+block is all of P when it fits: 0.84 GB in bf16 at B = 1024, R = T = 20). Each block's product is one BLAS call
+(cuBLAS on a GPU): the tensor cores spend R times the needed products on zeros but run at dense-GEMM throughput,
+and writing P costs one pass over the block's memory. Every entry of P is written by exactly one (image,
+sentence, word), so P never depends on the order of writes, and the gradients are as reproducible as the BLAS.
 """
 
 from __future__ import annotations
