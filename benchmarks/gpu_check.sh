@@ -12,7 +12,7 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     STEPS: comma list of env,tests,score,viterbi,decode,train
 # Limits: TESTS_LIMIT, SCORE_LIMIT, TRAIN_LIMIT (seconds); extra arguments: SCORE_ARGS, TRAIN_ARGS;
 # TRAIN_AUTOTUNE=0 trains on one Triton config (no autotuning inside the timed runs).
-# On an H200 (2026-11-30): tests ~2 min (with 13 forward and 8 backward configs; 23 and 13 now, and the tests
+# On an H200 (2026-11-30): tests ~2 min (with 13 forward and 8 backward configs; 25 and 13 now, and the tests
 # run the backward both as one-hot GEMMs and as the fused kernels), bench_score ~2 min per dtype (fp32's
 # B = 4096 rows take longest; a triton_fused_bwd row per size since), the Viterbi build ~1 min in the
 # background, bench_train ~30 s. With the larger search spaces, split a 15-minute device budget into two calls of <= 10 minutes, e.g.:

@@ -162,8 +162,9 @@ def _maxsim_fwd_kernel(
     ts = pid_s * spt + s_local
     s_ok = (s_local < spt) & (ts < n_sent)
     acc = tl.where(real_r[None, :] if WORDS_AS_ROWS else real_r[:, None], acc, float("-inf"))
-    # best[i, n]: the best real region of the tile's image i for word column n, -inf when the image has none (such
-    # a pair contributes 0). The argmax is tracked only when it is stored: a max with indices does twice the work.
+    # best[i, n]: the best real region of the tile's image i for word column n; an image without a real region
+    # (has_region False) contributes 0 whatever best holds. The argmax is tracked only when it is stored: a max
+    # with indices does twice the work of a plain one.
     member = (local_snt[None, :] == s_local[:, None]) & real_w[None, :]  # [SPT_P, N]: word column in sentence
     if PAD_REGIONS:  # images R_P rows apart: one max over the middle axis serves every image of the tile
         IPT: tl.constexpr = M // R_P
@@ -172,11 +173,12 @@ def _maxsim_fwd_kernel(
             best, arg = tl.max(tiled, axis=1, return_indices=True)  # [IPT, N]
         else:
             best = tl.max(tiled, axis=1)
+        has_region = tl.max(tl.reshape(real_r.to(tl.int32), (IPT, R_P)), axis=1) > 0
         i_local = tl.arange(0, IPT)
         if STORE_ARGMAX:
             k = pid_i * IPT + i_local
             tl.store(A + (k.to(tl.int64)[:, None] * n_sent + snt[None, :]) * T + wrd[None, :],
-                     tl.where(real_w[None, :] & (best != float("-inf")), arg, -1).to(A.dtype.element_ty),
+                     tl.where(real_w[None, :] & has_region[:, None], arg, -1).to(A.dtype.element_ty),
                      mask=(k < n_img)[:, None] & col_ok[None, :])
     else:
         # Images packed R apart (no padding to a power of two): a masked max per image of the tile, gathered into
@@ -186,26 +188,29 @@ def _maxsim_fwd_kernel(
         IPT: tl.constexpr = 2 * M // R_P  # a power of two >= M // R, as R > R_P / 2
         GATHER: tl.constexpr = _gathers_maxima(M, N, R_P, T_P)
         i_local = tl.arange(0, IPT)
+        if GATHER:
+            has_region = tl.sum(((local_img[None, :] == i_local[:, None]) & real_r[None, :]).to(tl.int32), axis=1) > 0
         best = tl.full((IPT, N), float("-inf"), tl.float32)
         for j in range(0, tl.minimum(ipt, n_img - pid_i * ipt)):
-            masked = tl.where((local_img == j)[None, :], acc, float("-inf")) if WORDS_AS_ROWS else tl.where(
-                (local_img == j)[:, None], acc, float("-inf"))
+            mine = local_img == j
+            masked = tl.where(mine[None, :], acc, float("-inf")) if WORDS_AS_ROWS else tl.where(
+                mine[:, None], acc, float("-inf"))
             k = (pid_i * ipt + j).to(tl.int64)
+            if STORE_ARGMAX or not GATHER:
+                has_j = tl.sum((mine & real_r).to(tl.int32), axis=0) > 0
             if STORE_ARGMAX:
                 best_j, arg = tl.max(masked, axis=1 if WORDS_AS_ROWS else 0, return_indices=True)
                 tl.store(A + (k * n_sent + snt) * T + wrd,
-                         tl.where(real_w & (best_j != float("-inf")), arg - j * R, -1).to(A.dtype.element_ty),
-                         mask=col_ok)
+                         tl.where(real_w & has_j, arg - j * R, -1).to(A.dtype.element_ty), mask=col_ok)
             else:
                 best_j = tl.max(masked, axis=1 if WORDS_AS_ROWS else 0)
             if GATHER:
                 best = tl.where(i_local[:, None] == j, best_j[None, :], best)
             else:
-                score = tl.sum(tl.where(member & (best_j != float("-inf"))[None, :], best_j[None, :], 0.0), axis=1)
+                score = tl.sum(tl.where(member & has_j, best_j[None, :], 0.0), axis=1)
                 tl.store(S + k * s_sb + ts * s_ss, score.to(S.dtype.element_ty), mask=s_ok)
     if PAD_REGIONS or GATHER:  # S[image, sentence]: one sum over the words of the tile
-        score = tl.sum(tl.where(member[None, :, :] & (best != float("-inf"))[:, None, :], best[:, None, :], 0.0),
-                       axis=2)
+        score = tl.sum(tl.where(member[None, :, :] & has_region[:, None, None], best[:, None, :], 0.0), axis=2)
         k = pid_i * ipt + i_local
         k_ok = (i_local < ipt) & (k < n_img)
         tl.store(S + k.to(tl.int64)[:, None] * s_sb + ts[None, :] * s_ss, score.to(S.dtype.element_ty),
@@ -341,9 +346,10 @@ def interpreted() -> bool:
 # 25% of the matmul measured on an H200 -- and ~7.6k with words as rows. It now gathers the per-image maxima
 # into one [images, words] tensor and sums each sentence's words once per tile (8k and 4.5k issue cycles
 # without the argmax, which only training stores). Blocks that share an SM overlap one's epilogue with the
-# other's MMA: three 8-warp tiles cap registers at 128 per thread for that (regions as rows then compile without
-# spills when no argmax is stored), and the 4-warp 128 x 64 tiles with words as rows get there at ~170-210
-# registers (their model: epilogue plus main-loop issue about equal to the MMA time).
+# other's MMA: three 8-warp tiles cap registers at 128 per thread for that (packed regions as rows then compile
+# without spills when no argmax is stored; the padded one spills 50 B, and all three spill with the argmax), and
+# the 4-warp 128 x 64 tiles with words as rows get there at ~210-220 registers (their model: epilogue plus
+# main-loop issue about equal to the MMA time). benchmarks/kernel_code.py reports all of this per config.
 FORWARD_SPACE = [  # ..., WORDS_AS_ROWS, USE_TMA, PAD_REGIONS
     (64, 64, 64, 4, 3, False, False, False), (64, 128, 64, 4, 4, False, False, False),
     (128, 64, 64, 4, 4, False, False, False), (128, 128, 64, 8, 3, False, False, False),
@@ -549,9 +555,12 @@ def maxsim_forward(regions: torch.Tensor, region_mask: torch.Tensor, words: torc
 
 def _mark_non_finite(scores: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor,
                      words: torch.Tensor, word_mask: torch.Tensor) -> None:
-    """NaN for every pair that has a term and a non-finite real region or word, as the torch backends give
-    NaN or +-inf there: the kernels' max ignores NaN (a diverging model's loss must not stay finite). A few
-    elementwise passes over the inputs, no host sync."""
+    """NaN for every pair that has a term and a non-finite real region or word: the kernel's max skips NaN,
+    and features that stopped being finite (a diverging model) must not leave its loss finite. Stricter than
+    the torch backends, whose arithmetic may still give a finite score (an inf that only ever meets negative
+    words loses the max). A few elementwise passes over the inputs, no host sync. Overflow inside the dot
+    products of finite features is not detected."""
+    region_mask, word_mask = region_mask.bool(), word_mask.bool()
     bad_img = (~regions.isfinite().all(-1) & region_mask).any(-1)
     bad_sent = (~words.isfinite().all(-1) & word_mask).any(-1)
     has_img, has_sent = region_mask.any(-1), word_mask.any(-1)

@@ -58,11 +58,27 @@ def test_one_gradient_only_and_empty_inputs():
     assert grad_v.shape == (0, 5, 8) and (grad_w == 0).all()
 
 
-def test_blocks_fit_the_budget():
-    """P and its per-term temporaries stay within the budget whenever a block holds more than one image or
-    sentence (one is the floor: a single image's P is the smallest unit of work)."""
-    for budget in (10_000, 1 << 20, 1 << 26):
-        images, sentences = _block_sizes(300, 200, 20, 20, 2, budget)
-        for count, others in ((images, 200), (sentences, 300)):
-            assert count == 1 or count * others * 20 * term_bytes(20, 2) <= budget
-    assert _block_sizes(300, 200, 20, 20, 2, 1 << 40) == (300, 200)
+def test_each_one_hot_block_fits_the_budget(monkeypatch):
+    """The P operand of every GEMM, as the BLAS receives it, stays within the budget unless one image's or one
+    sentence's P alone exceeds it (the smallest unit of work), and the blocks cover every gradient row."""
+    n_img, n_sent, n_reg, n_wrd, dim = 9, 7, 6, 5, 8
+    regions, region_mask, words, word_mask = ragged_inputs(n_img, n_sent, n_reg, n_wrd, dim, seed=2)
+    argmax = argmax_of(regions, region_mask, words, word_mask)
+    grad = torch.randn(n_img, n_sent, dtype=torch.float64)
+    _, want_v, want_w = reference(regions, region_mask, words, word_mask, grad)
+    products = []
+    real_mm = torch.mm
+
+    def recording_mm(p, x, **kwargs):
+        products.append(p.numel() * p.element_size())
+        return real_mm(p, x, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    one_image, one_sentence = n_reg * n_sent * n_wrd * 8, n_img * n_reg * n_wrd * 8  # float64 P
+    for budget in (1, one_image * 2 + 7, one_image * 5, 1 << 30):
+        products.clear()
+        grad_v, grad_w = onehot_gemm_grads(regions, words, grad, argmax, budget)
+        assert torch.allclose(grad_v, want_v) and torch.allclose(grad_w, want_w)
+        assert all(size <= max(budget, one_image, one_sentence) for size in products), (budget, products)
+        assert len(products) >= (2 if budget == 1 << 30 else 3)
+    assert len(products) == 2  # the whole P once, for both gradients

@@ -140,6 +140,22 @@ def test_non_finite_real_features_make_their_pairs_nan_like_the_torch_backend():
     torch.testing.assert_close(got[finite], want[finite].float())
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy dot
+def test_overflowing_similarities_and_integer_masks():
+    """Finite features whose every similarity overflows to -inf score -inf like the torch backend (an image
+    has a real region by its mask, not by a finite maximum), and 0/1 integer masks act like bool ones."""
+    regions, words = torch.full((2, 3, 4), 1e20), torch.full((2, 2, 4), -1e20)
+    regions[1] = 1.0
+    masks = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool)
+    want = score(regions, masks[0], words, masks[1], backend="torch")
+    got, argmax = maxsim_forward(regions.to(DEVICE), masks[0].to(DEVICE), words.to(DEVICE), masks[1].to(DEVICE),
+                                 return_argmax=True)
+    assert torch.equal(got.cpu(), want.float()) and torch.isinf(got[0]).all() and (argmax >= 0).all()
+    as_int = maxsim_forward(regions.to(DEVICE), masks[0].to(DEVICE, torch.uint8), words.to(DEVICE),
+                            masks[1].to(DEVICE, torch.uint8))[0]
+    assert torch.equal(as_int, got)
+
+
 def test_empty_batch_and_argmax_dtypes():
     s, argmax = maxsim_forward(torch.zeros(0, 3, 16, device=DEVICE), torch.zeros(0, 3, dtype=torch.bool,
                                device=DEVICE), torch.zeros(2, 4, 16, device=DEVICE),
@@ -161,7 +177,9 @@ def test_tile_layouts_agree(monkeypatch, dtype):
     """Every tile layout the autotuner may pick must give the reference scores and gradients: the forward's
     tile as regions x words or transposed (WORDS_AS_ROWS), its operands read through pointers or TMA
     descriptors (USE_TMA), images R or R_P rows apart in either pass (PAD_REGIONS; R = 13 pads to 16, four
-    images per interpreter tile; R = 40 pads to 64, one image per tile)."""
+    images per interpreter tile; R = 40 pads to 64, one image per tile); R = 3, T = 2 packs 21 images x 32
+    sentences per tile, so packed tiles sum per image (the autotuner would prune the padded ones there; forced
+    as the only config they are not pruned, and still right)."""
     import triton
     from dsalign.kernels import maxsim
 
@@ -172,8 +190,8 @@ def test_tile_layouts_agree(monkeypatch, dtype):
     forward = maxsim._configs(maxsim.FORWARD_SPACE, maxsim.FORWARD_FLAGS)[0]
     backward = maxsim._configs(maxsim.BACKWARD_SPACE, maxsim.BACKWARD_FLAGS)[0]
     s_tol, g_tol = TOLERANCES[dtype]
-    for n_regions in (13, 40):
-        regions, region_mask, words, word_mask = ragged_inputs(13, 11, n_regions, 13, 40, dtype=dtype, seed=5)
+    for n_regions, n_words in ((13, 13), (40, 13), (3, 2)):  # (3, 2): too many pairs per tile to gather
+        regions, region_mask, words, word_mask = ragged_inputs(13, 11, n_regions, n_words, 40, dtype=dtype, seed=5)
         grad = torch.randn(13, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
         want = reference(regions, region_mask, words, word_mask, grad)
         for rows, tma, pad_forward, pad_backward in ((True, False, False, False), (False, True, False, True),

@@ -10,8 +10,10 @@ Conventions shared by every backend:
   compares scores at margin 1, which bf16 cannot resolve at typical |S|. Gradients come back in the input
   dtype.
 - Ties between regions send the whole gradient to one of them (the first, for the Triton kernel).
-- A non-finite real region or word makes the scores of its pairs non-finite (NaN from ``triton``, NaN or
-  +-inf from the torch backends), so a diverging model cannot produce a finite loss.
+- Non-finite features: ``triton`` scores NaN for every pair with a non-finite real region or word (its max
+  would otherwise skip a NaN), so features that stopped being finite never leave the loss finite; the torch
+  backends give whatever the arithmetic gives (NaN or +-inf, or a finite score when the bad value loses every
+  max).
 
 Backends:
 - ``torch``: reference; materialises the [B_img, R, B_sent, T] similarity tensor. For tests and small inputs.
