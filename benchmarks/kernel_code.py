@@ -3,15 +3,15 @@
 No GPU needed: triton's own ptxas and nvdisasm (shipped in its wheel) turn each autotuner config into sm_90a code
 with the runtime's specialisations (pointers and integers divisible by 16, unit strides constant), at
 B = 1024, R = T = 20, D = 1024, bf16. Reported per config: registers and spill bytes per thread, shared memory,
-and instruction counts of the main loop (one D-chunk) and, for the forward, of its epilogue (the per-image
-part counted once per image of the tile). For the forward an issue-bound model estimates the share of the
-tensor-core peak: the main loop runs at the MMA rate (2*M*N*BLOCK_D FLOP per chunk at FLOP_PER_CYCLE_SM) or
-its instruction issue, whichever is slower, and the epilogue issues one instruction per cycle per warp
-scheduler (4 per SM) with one block per SM (where two fit, one's epilogue can also hide behind the other's MMA:
-``blocks_per_sm``); only useful (image, sentence) products count. The model matched
-the H200's measured 25% of its matmul for the first epilogue (docs/benchmarks.md); it is a guide for choosing
-what to time, not a measurement. Without a GPU this is also the compile check of the GPU code paths (TMA,
-register caps, padded tiles) that the interpreter cannot run.
+blocks per SM, and instruction counts of the main loop (one step) and, for the forward, of its epilogue (the
+per-image part counted once per image of the tile). An issue-bound model estimates the share of the tensor-core
+peak: a main-loop step runs at the MMA rate (2*M*N*BLOCK_D FLOP at FLOP_PER_CYCLE_SM) or at its instruction
+issue (one instruction per cycle per warp scheduler, 4 per SM), whichever is slower; the forward's epilogue
+then issues its instructions the same way, at one block per SM (where two fit, one's epilogue can also hide
+behind the other's MMA: ``blocks_per_sm``); only real (image, sentence) products count. The model matched the
+H200's measured 25% of its matmul for the first forward epilogue (docs/benchmarks.md); it is a guide for
+choosing what to time, not a measurement. Without a GPU this is also the compile check of the GPU code paths
+(TMA, register caps, padded tiles) that the interpreter cannot run.
 
     python benchmarks/kernel_code.py [--forward all|I,J,...] [--backward all|none|I,...] [--argmax 0,1] [--out F]
 """
@@ -161,8 +161,14 @@ def backward(kind: str, config: tuple) -> dict:
     ints = {"n_img": B, "n_sent": B, "R": R, "T": T, "D": D, "s_wb": T * D, "s_wt": D, "s_wd": 1, "s_vb": R * D,
             "s_vr": D, "s_vd": 1, "s_db": rows * D, "s_dr": D, "s_dt": D, "s_dd": 1}
     fn = maxsim._maxsim_bwd_dv_kernel if kind == "dv" else maxsim._maxsim_bwd_dw_kernel
-    return {"kernel": f"backward_{kind}", "config": list(config),
-            **inspect(fn, pointers, ints, constexprs, warps, stages, None)}
+    report = inspect(fn, pointers, ints, constexprs, warps, stages, None)
+    # One main-loop step multiplies the one-hot tile (M region rows x N word columns) by BLOCK_D features; its
+    # real part is the tile's images x R rows by its sentences x T columns.
+    m, n = maxsim._tile_side(bm, R_P), maxsim._tile_side(bn, T_P)
+    mma = 2 * m * n * bd / FLOP_PER_CYCLE_SM
+    useful = (m // R_P if pad else m // R) * R * (n // T) * T / (m * n)
+    return {"kernel": f"backward_{kind}", "config": list(config), **report,
+            "model_share_of_peak": useful * mma / max(mma, report["main_loop"] * warps / SCHEDULERS_PER_SM)}
 
 
 def _indices(text: str, space: list) -> list[int]:
