@@ -225,7 +225,7 @@ def naive_bytes(n: int, dim: int, backward: bool) -> int:
 def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     timer = Timer(device, args.repeats)
-    if (args.suite or ("gpu" if device == "cuda" else "cpu")) == "gpu":
+    if args.suite == "gpu":
         sizes, dims = args.sizes or GPU_SIZES, args.dims or GPU_DIMS
         dtypes = [DTYPES[name] for name in args.dtypes]
         backends = {"torch": Backend("torch"),
@@ -254,12 +254,12 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
                 inputs = make_inputs(n, n, dim, dtype, device)
                 grad = torch.randn(n, n, device=device)
                 flops = 2 * n * n * N_REG * N_WRD * dim
-                if "triton" in backends:  # the tuning reports then cover this size's rows, from its first tuning
+                if "triton" in backends:
                     from dsalign.kernels.maxsim import clear_tuning_report
-                    clear_tuning_report()
-                if "triton" in backends and (err := full_forward_error(inputs)) > CHECK_TOL[dtype]:
-                    report["failed_checks"].append({"backend": "triton", "B": n, "D": dim,
-                                                    "dtype": str(dtype), "full_forward_rel_err": err})
+                    clear_tuning_report()  # the tuning reports then cover this size's rows, from its first tuning
+                    if (err := full_forward_error(inputs)) > CHECK_TOL[dtype]:
+                        report["failed_checks"].append({"backend": "triton", "B": n, "D": dim,
+                                                        "dtype": str(dtype), "full_forward_rel_err": err})
                 for backend, spec in backends.items():
                     for backward in spec.passes:
                         row = {"B": n, "D": dim, "dtype": str(dtype).removeprefix("torch."),
@@ -272,9 +272,10 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
                             continue
                         fn = _step(spec, inputs, grad, backward)
                         try:
-                            ms = timer(fn)
-                            cpu_ms = timer.last_cpu_ms
-                            peak = peak_memory_mb(fn, device)
+                            with overridden_env(spec.env):
+                                ms = timer(fn)
+                                cpu_ms = timer.last_cpu_ms
+                                peak = peak_memory_mb(fn, device)
                         except torch.OutOfMemoryError:
                             report["skipped"].append({**row, "reason": "out of memory"})
                             torch.cuda.empty_cache()
@@ -345,7 +346,7 @@ def _step(backend: Backend, inputs: tuple, grad: torch.Tensor, backward: bool) -
     regions, region_mask, words, word_mask = inputs
     if not backward:
         def forward() -> object:
-            with torch.no_grad(), overridden_env(backend.env):
+            with torch.no_grad():
                 return score(regions, region_mask, words, word_mask, backend=backend.op, **backend.kwargs)
         return forward
     v = regions.detach().clone().requires_grad_()
@@ -353,8 +354,7 @@ def _step(backend: Backend, inputs: tuple, grad: torch.Tensor, backward: bool) -
 
     def forward_backward() -> object:
         v.grad = w.grad = None
-        with overridden_env(backend.env):
-            score(v, region_mask, w, word_mask, backend=backend.op, **backend.kwargs).backward(grad)
+        score(v, region_mask, w, word_mask, backend=backend.op, **backend.kwargs).backward(grad)
         return v.grad
     return forward_backward
 
@@ -382,9 +382,10 @@ def main() -> None:
         parser.error(f"unknown --dtypes {unknown}; choose from {list(DTYPES)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     native = "gpu" if device == "cuda" else "cpu"
+    args.suite = args.suite or native
     if args.suite == "gpu" and device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-    name = f"score_{device}.json" if args.suite in (None, native) else f"score_{device}_{args.suite}_suite.json"
+    name = f"score_{device}.json" if args.suite == native else f"score_{device}_{args.suite}_suite.json"
     out = args.out or Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
 
