@@ -524,8 +524,18 @@ def maxsim_forward(regions: torch.Tensor, region_mask: torch.Tensor, words: torc
     Returns S [B_img, B_sent] in fp32 for every input dtype (a margin-1 ranking loss on bf16 scores of
     magnitude ~100 would be rounding noise) and, if asked, the argmax region per (image, sentence, word) as
     [B_img, B_sent, T] in a compact signed dtype, -1 where the word is padded or the image has no real region.
+    Pairs with a non-finite real region or word score NaN (``_mark_non_finite``).
     """
     _check(regions, region_mask, words, word_mask)
+    scores, argmax = _run_forward_kernel(regions, region_mask, words, word_mask, return_argmax)
+    _mark_non_finite(scores, regions, region_mask, words, word_mask)
+    return scores, argmax
+
+
+def _run_forward_kernel(regions: torch.Tensor, region_mask: torch.Tensor, words: torch.Tensor,
+                        word_mask: torch.Tensor, return_argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward kernel's scores and argmax for checked inputs; non-finite features not yet marked (the
+    backward's argmax recompute discards the scores)."""
     n_img, n_reg, dim = regions.shape
     n_sent, n_wrd, _ = words.shape
     r_p = triton.next_power_of_2(max(n_reg, 1))
@@ -549,7 +559,6 @@ def maxsim_forward(regions: torch.Tensor, region_mask: torch.Tensor, words: torc
         *regions.stride(), *words.stride(), *scores.stride(),
         R_P=r_p, T_P=t_p, STORE_ARGMAX=return_argmax, **_launch_flags(regions.dtype),
     )
-    _mark_non_finite(scores, regions, region_mask, words, word_mask)
     return scores, (argmax if return_argmax else None)
 
 
@@ -635,7 +644,7 @@ class _MaxSimFunction(torch.autograd.Function):
         regions, region_mask, words, word_mask, argmax = ctx.saved_tensors
         workspace = backward_workspace_bytes()
         if argmax is None:
-            _, argmax = maxsim_forward(regions, region_mask, words, word_mask, return_argmax=True)
+            _, argmax = _run_forward_kernel(regions, region_mask, words, word_mask, return_argmax=True)
         needs = {"need_regions": ctx.needs_input_grad[0], "need_words": ctx.needs_input_grad[2]}
         if workspace:
             grad_v, grad_w = onehot_gemm_grads(regions, words, grad_scores, argmax, workspace, **needs)

@@ -46,9 +46,11 @@ def onehot_gemm_grads(regions: torch.Tensor, words: torch.Tensor, grad_scores: t
     n_img, n_reg, dim = regions.shape
     n_sent, n_wrd, _ = words.shape
     dtype = regions.dtype
-    grad_v = torch.zeros(regions.shape, dtype=dtype, device=regions.device) if need_regions else None
-    grad_w = torch.zeros(words.shape, dtype=dtype, device=words.device) if need_words else None
-    if not (n_img and n_sent and n_reg and n_wrd and dim):
+    trivial = not (n_img and n_sent and n_reg and n_wrd and dim)
+    alloc = torch.zeros if trivial else torch.empty  # otherwise the GEMMs write every row
+    grad_v = alloc(regions.shape, dtype=dtype, device=regions.device) if need_regions else None
+    grad_w = alloc(words.shape, dtype=dtype, device=words.device) if need_words else None
+    if trivial:
         return grad_v, grad_w
     img_block, snt_block = _block_sizes(n_img, n_sent, n_reg, n_wrd, regions.element_size(), workspace_bytes)
     coef_all = grad_scores.to(dtype)[:, :, None]
