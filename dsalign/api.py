@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dsalign.bundle import ALIGNMENT_FORMAT, Bundle, BundleError, load_bundles
+from dsalign.bundle import Bundle, BundleError, bundles_by_role
 from dsalign.eval.generation import DecodeSettings, describe_vectors
 from dsalign.features.extract import FeatureConfig, FeatureExtractor, RegionFeatures
 from dsalign.features.regions import GivenRegions
@@ -109,13 +109,7 @@ def load(path: str | Path, device: str | torch.device | None = None, regions: st
     ``regions`` overrides the region source used on raw images (``selective-search``, ``grid``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    roles: dict[str, Bundle] = {}
-    for bundle in load_bundles(path, device):
-        role = "alignment" if bundle.format == ALIGNMENT_FORMAT else bundle.info.get("level", "full")
-        if role in roles:
-            raise BundleError(f"{path}: holds more than one {role} bundle; point at one of them or a folder "
-                              "with one of each kind")
-        roles[role] = bundle
+    roles = bundles_by_role(path, device)
     return Model(roles.get("alignment"), roles.get("full"), roles.get("region"), device, regions)
 
 

@@ -53,6 +53,11 @@ class Bundle:
     sha256: dict = field(default_factory=dict)  # of the weights and vocabulary files: the bundle's identity
     path: Path | None = None  # the folder it was loaded from (where a retrieval bank may sit beside it)
 
+    @property
+    def weights_sha256(self) -> str:
+        """The weights' SHA-256: what outputs made with this model (snippets, a retrieval bank) record."""
+        return self.sha256.get(WEIGHTS, "")
+
 
 def export_bundle(model: AlignmentModel, vocab: Vocabulary, out_dir: str | Path, features: dict | None = None,
                   info: dict | None = None) -> Path:
@@ -106,6 +111,19 @@ def load_bundles(path: str | Path, device: str | torch.device = "cpu") -> list[B
     if not found:
         raise BundleError(f"{root}: not a dsalign bundle and holds none (no {CONFIG} in it or its sub-folders)")
     return found
+
+
+def bundles_by_role(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Bundle]:
+    """The bundles at or inside ``path`` keyed by role (``alignment``, ``full``, ``region``); a folder with two
+    bundles of one role is refused, since nothing says which one was meant."""
+    roles: dict[str, Bundle] = {}
+    for bundle in load_bundles(path, device):
+        role = "alignment" if bundle.format == ALIGNMENT_FORMAT else bundle.info.get("level", "full")
+        if role in roles:
+            raise BundleError(f"{path}: holds more than one {role} bundle; point at one of them or a folder "
+                              "with one of each kind")
+        roles[role] = bundle
+    return roles
 
 
 def find_bundle(path: str | Path, kind: str, level: str | None = None,

@@ -154,8 +154,8 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
 
     tick = time.perf_counter()
     snippets = out / "snippets"
-    align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train",
-                 resume=snippets.exists(), progress=progress, whole_image=WHOLE_IMAGE)
+    align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train", resume=snippets.exists(),
+                 model_id=bundle.weights_sha256, progress=progress, whole_image=WHOLE_IMAGE)
     alignment = evaluate_shapes_alignment(bundle.model, bundle.vocab, features, BETA, split="test",
                                           whole_image=WHOLE_IMAGE)
     timings["align_s"] = time.perf_counter() - tick

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dsalign.bundle import ALIGNMENT_FORMAT, CAPTION_FORMAT, Bundle, load_bundles
+from dsalign.bundle import Bundle, bundles_by_role
 from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
 from dsalign.data.pipeline import ShardLoader, ShardStream
 from dsalign.data.shards import iter_tar_samples, shard_paths
@@ -108,18 +108,18 @@ def evaluate_bundles(bundle_path: str | Path, features: str | Path, split: str =
     metrics = tuple(metrics or SCORERS)
     result: dict = {"split": split, "features": str(features), "retrieval": None, "captions": None,
                     "regions": None, "settings": {**vars(settings), "metrics": list(metrics), "limit": limit}}
-    for bundle in load_bundles(bundle_path, device):
-        if bundle.format == ALIGNMENT_FORMAT:
-            result["retrieval"] = retrieval_on_split(bundle, features, split, device=device, bank_images=bank_images,
-                                                     temperature=bank_temperature, save_bank=save_bank)
-        elif bundle.format == CAPTION_FORMAT and bundle.info.get("level") == "region":
-            try:
-                result["regions"] = evaluate_region_descriptions(bundle.model, bundle.vocab, features, split,
-                                                                 settings, metrics, limit)
-            except ValueError as exc:  # no ground-truth spans: the other parts still count
-                result["regions"] = {"skipped": str(exc)}
-        elif bundle.format == CAPTION_FORMAT:
-            train = training_captions(features) if novelty else None
-            result["captions"] = evaluate_full_captions(bundle.model, bundle.vocab, features, split, settings,
-                                                        metrics, limit, train)
+    roles = bundles_by_role(bundle_path, device)
+    if bundle := roles.get("alignment"):
+        result["retrieval"] = retrieval_on_split(bundle, features, split, device=device, bank_images=bank_images,
+                                                 temperature=bank_temperature, save_bank=save_bank)
+    if bundle := roles.get("full"):
+        train = training_captions(features) if novelty else None
+        result["captions"] = evaluate_full_captions(bundle.model, bundle.vocab, features, split, settings,
+                                                    metrics, limit, train)
+    if bundle := roles.get("region"):
+        try:
+            result["regions"] = evaluate_region_descriptions(bundle.model, bundle.vocab, features, split,
+                                                             settings, metrics, limit)
+        except ValueError as exc:  # no ground-truth spans: the other parts still count
+            result["regions"] = {"skipped": str(exc)}
     return result

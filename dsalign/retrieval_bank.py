@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dsalign.bundle import WEIGHTS, Bundle, BundleError
+from dsalign.bundle import Bundle, BundleError
 from dsalign.eval.bank_norm import bank_prior
 from dsalign.hashing import file_sha256
 from dsalign.models.alignment import AlignmentModel
@@ -69,7 +69,7 @@ def save_bank(bundle: Bundle, regions: torch.Tensor, region_mask: torch.Tensor, 
     save_file(tensors, str(bundle.path / BANK_TENSORS))
     meta = {"format": BANK_FORMAT, "temperature_i2t": float(temperatures["i2t"]),
             "temperature_t2i": float(temperatures["t2i"]), "images": int(regions.shape[0]),
-            "sentences": int(tokens.shape[0]), "weights_sha256": bundle.sha256.get(WEIGHTS),
+            "sentences": int(tokens.shape[0]), "weights_sha256": bundle.weights_sha256,
             "sha256": file_sha256(bundle.path / BANK_TENSORS)}
     (bundle.path / BANK_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return bundle.path / BANK_META
@@ -86,7 +86,7 @@ def load_bank(bundle: Bundle) -> RetrievalBank | None:
         raise BundleError(f"{meta_file}: unreadable: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != BANK_FORMAT:
         raise BundleError(f"{meta_file}: not a {BANK_FORMAT} file")
-    if meta.get("weights_sha256") != bundle.sha256.get(WEIGHTS):
+    if meta.get("weights_sha256") != bundle.weights_sha256:
         raise BundleError(f"{meta_file}: made with other weights than this bundle's; make it again with "
                           "`dsalign eval --bank-images N --save-bank` or delete it")
     if not tensor_file.is_file() or file_sha256(tensor_file) != meta.get("sha256"):

@@ -89,10 +89,9 @@ def _run_align(args: argparse.Namespace) -> None:
         return
     if args.out is None:
         raise ValueError("--out is required (unless --evaluate or --picture is given)")
-    sha = bundle.sha256.get("weights.safetensors", "")
     manifest = align_folder(bundle.model, bundle.vocab, args.features, args.out, args.beta, args.split,
-                            args.batch_size, args.resume, args.device, model_id=sha, progress=not args.quiet,
-                            whole_image=not args.objects_only)
+                            args.batch_size, args.resume, args.device, model_id=bundle.weights_sha256,
+                            progress=not args.quiet, whole_image=not args.objects_only)
     info = manifest["splits"][args.split]
     print(f"align {args.split}: {info.get('images', 0)} images, {info.get('pairs', 0)} pairs -> "
           f"{info.get('snippets', 0)} snippets in {len(info['shards'])} shards (beta {args.beta}, "

@@ -209,6 +209,20 @@ def test_eval_command_scores_the_predictions_it_writes(model_dir, tiny_demo, tmp
     assert len(training_captions(features)) == 600  # 120 training scenes x 5
 
 
+def test_two_bundles_of_one_kind_are_refused(model_dir, tiny_demo, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "ambiguous"
+    for name in ("alignment", "caption_full"):
+        shutil.copytree(model_dir / name, folder / name)
+    shutil.copytree(model_dir / "caption_full", folder / "caption_full_2")
+    with pytest.raises(BundleError, match="more than one full bundle"):
+        dsalign.load(folder, device="cpu")
+    status, _, err = _run("eval", "--bundle", str(folder), "--features", str(tiny_demo[0] / "features"),
+                          capsys=capsys)
+    assert status == 2 and "more than one full bundle" in err and len(err.strip().splitlines()) == 1
+
+
 def test_region_features_are_computed_once_per_image(model, scene, monkeypatch):
     import torch
 

@@ -17,7 +17,11 @@ def test_demo_runs_every_stage_and_reports_where_things_went(tiny_demo):
     assert summary["test_retrieval"]["images"] == 20
     assert summary["test_retrieval"]["bank"]["bank_images"] == 120  # every training scene (fewer than 1,000)
     assert 0 <= summary["test_alignment"]["accuracy"] <= 1 and summary["test_alignment"]["mentions"] > 20
-    assert json.loads((out / "snippets" / "manifest.json").read_text())
+    # the snippets name the model that made them (a --resume with another bundle is then refused)
+    from dsalign.hashing import file_sha256
+
+    snippet_settings = json.loads((out / "snippets" / "manifest.json").read_text())["settings"]
+    assert snippet_settings["model"] == file_sha256(out / "model" / "alignment" / "weights.safetensors")
     captions, regions = summary["test_captions"], summary["test_region_descriptions"]
     assert captions["images"] == 20 and captions["CIDEr"] >= 0 and 0 <= captions["novel_fraction"] <= 1
     assert regions["regions"] > 20 and 0 <= regions["exact_match"] <= regions["attribute_match"] <= 1

@@ -37,6 +37,12 @@ def test_bad_caption_config_names_the_key(change, message):
         parse_config(change, CaptionTrainConfig)
 
 
+def test_caption_sections_keep_the_caption_defaults():
+    """A `train` section without out_dir must not fall back to the alignment trainer's runs/align."""
+    config = parse_config({"data": {"features": "f"}, "train": {"max_steps": 3}}, CaptionTrainConfig)
+    assert (config.train.out_dir, config.train.max_steps) == ("runs/caption", 3)
+
+
 def test_full_level_batches_hold_every_caption_once(tiny_demo):
     features = tiny_demo[0] / "features"
     vocab = Vocabulary.load(features / "vocab.json")

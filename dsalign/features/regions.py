@@ -146,7 +146,7 @@ class SelectiveSearch(RegionSource):
     """OpenCV selective search on a copy whose longer side is ``max_side`` pixels.
 
     ``mode`` "single" (default): one graph segmentation of the HSV image (k = 200, sigma = 0.5, segments of at
-    least ``max_side**2 / 300`` pixels), merged once by colour + fill + size similarity. "fast": OpenCV's fast
+    least 1/300 of the copy's pixels), merged once by colour + fill + size similarity. "fast": OpenCV's fast
     mode, 12 hierarchies (HSV and Lab x k = 150, 300, 450 x two merge strategies, one with texture), segments
     of >= 100 pixels. On shapes scenes "single" at 64 px recalls every object that "fast" at 96 px does, for
     a fifteenth of the CPU time: OpenCV's fixed 100-pixel minimum segment, not the single hierarchy, is what

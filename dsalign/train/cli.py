@@ -26,8 +26,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         description="Train the caption generator of Karpathy & Fei-Fei (Eqs. 13-15; cell rnn or lstm) with "
                     "DeepSpeed: --set data.level=full on whole-image vectors and their captions, "
                     "--set data.level=region on the region-snippet shards of `dsalign align` "
-                    "(data.snippets). Keeps the best model by validation CIDEr (full) or exact phrase match "
-                    "(region) in <out_dir>/best; logs and checkpoints as `train align`.")
+                    "(data.snippets). Keeps the best model by validation CIDEr (full) or, at the region level, the "
+                    "share of boxes described correctly (attribute_match where the boxes carry attributes, "
+                    "else exact phrase match) in <out_dir>/best; logs and checkpoints as `train align`.")
     _add_run_arguments(caption, "caption")
 
 

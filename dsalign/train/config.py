@@ -247,7 +247,9 @@ def _check_value(key: str, value: object, annotation: object, spec: dict) -> obj
     return value
 
 
-def _build(cls: type, data: object, prefix: str) -> object:
+def _build(cls: type, data: object, prefix: str, base: object | None = None) -> object:
+    """``cls`` from the JSON object ``data``; keys it lacks keep ``base``'s values (the enclosing config's
+    default for this section, e.g. the caption trainer's own ``train.out_dir``), else the class defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a JSON object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -261,10 +263,11 @@ def _build(cls: type, data: object, prefix: str) -> object:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(hints[name]):
-            values[name] = _build(hints[name], value, key)
+            factory = fields[name].default_factory
+            values[name] = _build(hints[name], value, key, None if factory is dataclasses.MISSING else factory())
         else:
             values[name] = _check_value(key, value, hints[name], dict(fields[name].metadata))
-    return cls(**values)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
 def parse_config(data: object, kind: type[RunConfig] = TrainConfig) -> RunConfig:
