@@ -228,6 +228,7 @@ def test_empty_prediction_scores_zero_not_crash(monkeypatch, caplog):
         ({1: "a dog"}, {1: []}, {}, "non-empty list"),
         ({1: "a dog"}, {1: "a dog"}, {}, "non-empty list"),
         ({1: "a dog"}, {1: ["a dog", " "]}, {}, "empty or non-string"),
+        ({1: "a dog"}, {1: ["...", "!"]}, {}, "none has a word after tokenisation"),
         ({1: "a dog"}, {1: ["a dog"]}, {"metrics": ["SPICE"]}, "subset"),
         ({1: "a dog"}, {1: ["a dog"]}, {"metrics": []}, "subset"),
     ],

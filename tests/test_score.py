@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -163,6 +164,30 @@ def test_shape_errors():
         score(torch.zeros(2, 3, 4), None, torch.zeros(2, 3, 5), None)
     with pytest.raises(ValueError, match="region_mask"):
         score(torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 3, 4), None)
+    with pytest.raises(TypeError, match="regions must be a torch.Tensor, got ndarray"):
+        score(np.zeros((2, 3, 4), dtype=np.float32), None, torch.zeros(2, 3, 4), None)
+
+
+def test_masks_may_be_lists_or_arrays_and_d_may_be_zero():
+    regions, words = torch.randn(2, 3, 4), torch.randn(3, 2, 4)
+    masks = [[1, 1, 0], [1, 0, 0]], np.array([[1, 0], [1, 1], [0, 0]], dtype=bool)
+    want = score(regions, torch.tensor(masks[0], dtype=torch.bool), words, torch.from_numpy(masks[1]))
+    torch.testing.assert_close(score(regions, *masks[:1], words, masks[1]), want)
+    empty = score(torch.randn(2, 3, 0, requires_grad=True), None, torch.randn(3, 2, 0), None)
+    assert empty.shape == (2, 3) and not empty.any()
+
+
+@pytest.mark.parametrize("kwargs", [{"block_images": 0}, {"block_sentences": -1}, {"block_images": 2.5}])
+def test_score_matrix_rejects_bad_block_sizes(kwargs):
+    with pytest.raises(ValueError, match="must be a positive int"):
+        score_matrix(torch.randn(2, 3, 4), None, torch.randn(3, 5, 4), None, **kwargs)
+
+
+@pytest.mark.parametrize("pairs, match", [([(-1, 0)], "image index -1"),
+                                          ([(0, 3)], r"sentence index 3 is outside \[0, 3\)")])
+def test_word_region_similarity_rejects_out_of_range_pairs(pairs, match):
+    with pytest.raises(ValueError, match=match):
+        word_region_similarity(torch.randn(2, 3, 4), None, torch.randn(3, 5, 4), None, pairs)
 
 
 # --- backend selection: explicit argument > $DSALIGN_SCORE_BACKEND > device type ---

@@ -256,6 +256,14 @@ def test_bad_input_errors(unary, n_words, n_regions, beta, match) -> None:
 
 
 @needs_ext
+@pytest.mark.parametrize("n_words", [[4.5, 2], [True, False], "ab"])
+def test_lengths_must_be_integers(n_words) -> None:
+    """4.5 words must not be truncated to 4 in silence."""
+    with pytest.raises(TypeError, match="n_words must be an integer tensor or a sequence of ints"):
+        viterbi(torch.zeros(2, 5, 3), n_words, [3, 3], 1.0)
+
+
+@needs_ext
 def test_zero_regions_allowed_for_empty_sentences() -> None:
     out = viterbi(torch.zeros(2, 3, 4), [0, 2], [0, 4], 1.0)
     assert out[0].tolist() == [-1, -1, -1] and out[1, 2] == -1

@@ -93,6 +93,8 @@ def score_captions(
     for i, rs in zip(ids, refs):
         gts[i] = tokenised[pos : pos + len(rs)]
         pos += len(rs)
+        if not any(gts[i]):  # e.g. only "...": the scorers would fail on an empty reference set
+            raise ValueError(f"references of {i!r}: none has a word after tokenisation (got {rs!r})")
     empty = sum(not r[0] for r in res.values())
     if empty:
         log.warning("%d of %d predictions are empty after tokenisation; scored as empty captions", empty, len(ids))

@@ -54,6 +54,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _prepare(regions: torch.Tensor, region_mask: torch.Tensor | None, words: torch.Tensor,
              word_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate shapes/devices, default the masks to all-real and bring both features to one float dtype."""
+    for name, value in (("regions", regions), ("words", words)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if regions.dim() != 3 or words.dim() != 3 or regions.shape[2] != words.shape[2]:
         raise ValueError(f"expected regions [B_img, R, D] and words [B_sent, T, D] with the same D; got "
                          f"{tuple(regions.shape)} and {tuple(words.shape)}")
@@ -61,10 +64,10 @@ def _prepare(regions: torch.Tensor, region_mask: torch.Tensor | None, words: tor
         raise ValueError(f"regions on {regions.device} but words on {words.device}")
     if not (regions.is_floating_point() and words.is_floating_point()):
         raise TypeError("regions and words must be floating point")
-    if region_mask is None:
-        region_mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device)
-    if word_mask is None:
-        word_mask = torch.ones(words.shape[:2], dtype=torch.bool, device=words.device)
+    region_mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=regions.device) if region_mask is None \
+        else torch.as_tensor(region_mask)
+    word_mask = torch.ones(words.shape[:2], dtype=torch.bool, device=words.device) if word_mask is None \
+        else torch.as_tensor(word_mask)
     if tuple(region_mask.shape) != tuple(regions.shape[:2]):
         raise ValueError(f"region_mask must be {tuple(regions.shape[:2])}, got {tuple(region_mask.shape)}")
     if tuple(word_mask.shape) != tuple(words.shape[:2]):
@@ -205,8 +208,9 @@ def score(regions: torch.Tensor, region_mask: torch.Tensor | None, words: torch.
     """
     regions, region_mask, words, word_mask = _prepare(regions, region_mask, words, word_mask)
     name = resolve_backend(backend, regions.device, regions.dtype)
-    if regions.shape[1] == 0 or words.shape[1] == 0:
-        # No region or no word slot at all: every pair is empty, scores 0 and stays in the autograd graph.
+    if regions.shape[1] == 0 or words.shape[1] == 0 or regions.shape[2] == 0:
+        # No region or no word slot at all, or D = 0 (every similarity is 0): every pair scores 0 and stays in the
+        # autograd graph.
         cdt = _compute_dtype(regions.dtype)
         zeros = torch.zeros(regions.shape[0], words.shape[0], dtype=cdt, device=regions.device)
         return zeros + 0 * (regions.to(cdt).sum() + words.to(cdt).sum())
@@ -226,6 +230,9 @@ def score_matrix(regions: torch.Tensor, region_mask: torch.Tensor | None, words:
     Blocks bound the memory of every backend (``torch`` included); ``device`` streams CPU-held features
     through an accelerator block by block. The float32 result stays on the device of ``regions``.
     """
+    for name, size in (("block_images", block_images), ("block_sentences", block_sentences)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"score_matrix: {name} must be a positive int, got {size!r}")
     regions, region_mask, words, word_mask = _prepare(regions, region_mask, words, word_mask)
     target = torch.device(device) if device is not None else regions.device
     out = torch.empty(regions.shape[0], words.shape[0], dtype=_compute_dtype(regions.dtype),
@@ -256,6 +263,11 @@ def word_region_similarity(regions: torch.Tensor, region_mask: torch.Tensor | No
     """
     regions, region_mask, words, word_mask = _prepare(regions, region_mask, words, word_mask)
     idx = torch.as_tensor(pairs, dtype=torch.long, device=regions.device).reshape(-1, 2)
+    if idx.numel():  # negative indices would silently wrap to the last images / sentences
+        for column, (name, count) in enumerate((("image", regions.shape[0]), ("sentence", words.shape[0]))):
+            low, high = int(idx[:, column].min()), int(idx[:, column].max())
+            if low < 0 or high >= count:
+                raise ValueError(f"pairs: {name} index {low if low < 0 else high} is outside [0, {count})")
     cdt = _compute_dtype(regions.dtype)
     vm, wm = region_mask[idx[:, 0]], word_mask[idx[:, 1]]
     sim = torch.bmm(words[idx[:, 1]].to(cdt), regions[idx[:, 0]].to(cdt).transpose(1, 2))

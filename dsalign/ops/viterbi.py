@@ -47,9 +47,14 @@ def _as_lengths(x: torch.Tensor | Sequence[int], name: str, device: torch.device
     if isinstance(x, torch.Tensor):
         return x
     try:
-        return torch.as_tensor(x, dtype=torch.int64, device=device)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"viterbi: {name} must be an integer tensor or a sequence of ints, got {x!r}") from err
+        lengths = torch.as_tensor(x, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        lengths = None
+    # 4.5 words would otherwise be truncated to 4 without a word; an empty list is float32 to torch
+    if lengths is None or (lengths.numel() and (lengths.dtype == torch.bool or lengths.is_floating_point()
+                                                or lengths.is_complex())):
+        raise TypeError(f"viterbi: {name} must be an integer tensor or a sequence of ints, got {x!r}")
+    return lengths.long()
 
 
 def viterbi(
