@@ -9,10 +9,12 @@ unless boxes are passed. When the alignment bundle has a retrieval bank beside i
 --save-bank``; the demo's has one), ``rank_sentences`` and ``rank_images`` use bank-normalised scores.
 
 Inputs: images are paths, PIL images of any mode (L, RGBA, P, CMYK, ...) or arrays (H x W, H x W x 3/4), any
-size; they are processed in batches. Sentences are tokenised like the training captions. Defined edge cases:
-an empty sentence (no words) scores 0 against every image and aligns to nothing; unknown words are the
-vocabulary's UNK; words past ``MAX_WORDS`` are dropped. Bad input raises :class:`InputError` with a one-line
-message.
+size up to PIL's decompression-bomb limit; they are processed in batches. Where a method takes a list of images
+or sentences, a single image or sentence is a list of one (a string is not split into characters). Sentences
+are tokenised like the training captions. Defined edge cases: an empty sentence (no words) scores 0 against
+every image and aligns to nothing; unknown words are the vocabulary's UNK; words past ``MAX_WORDS`` are
+dropped. Bad input (an unreadable or too large image, NaN pixels, a non-positive or fractional ``top_k`` /
+``beam_size`` / ``max_len``, an unknown device) raises :class:`InputError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dsalign.bundle import Bundle, BundleError, bundles_by_role
+from dsalign.cli_args import range_error
 from dsalign.eval.generation import DecodeSettings, describe_vectors
 from dsalign.features.extract import FeatureConfig, FeatureExtractor, RegionFeatures
 from dsalign.features.regions import GivenRegions
@@ -37,9 +40,10 @@ from dsalign.ops.viterbi import snippets, viterbi
 from dsalign.retrieval_bank import RetrievalBank, load_bank
 from dsalign.snippet_align import WHOLE_IMAGE_PENALTY
 from dsalign.text import tokenize
-from dsalign.viz import to_rgb
+from dsalign.viz import ImageTooLarge, to_rgb
 
 ImageInput = str | Path | Image.Image | np.ndarray
+_ONE_IMAGE = (str, Path, Image.Image, np.ndarray)  # one image, not a list of them (see _items)
 Box = tuple[float, float, float, float]
 MAX_WORDS = 128
 FEATURE_CACHE = 64  # images whose region features Model keeps (about 100 KB each)
@@ -84,17 +88,57 @@ def load_image(image: ImageInput) -> Image.Image:
         elif isinstance(image, np.ndarray):
             if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
                 raise InputError(f"image array must be H x W or H x W x 1/3/4, got shape {image.shape}")
+            if image.dtype.kind in "fc" and not np.isfinite(image).all():
+                raise InputError("image array holds NaN or infinite values")
         elif not isinstance(image, Image.Image):
             raise InputError(f"an image must be a path, a PIL image or an array, got {type(image).__name__}")
         rgb = to_rgb(image)
     except InputError:
         raise
+    except ImageTooLarge as exc:
+        raise InputError(f"{image}: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, TypeError) as exc:
         raise InputError(f"{image if isinstance(image, (str, Path)) else 'image'}: not a readable image "
                          f"({exc})") from exc
     if rgb.width < 1 or rgb.height < 1:
         raise InputError(f"image has no pixels ({rgb.width} x {rgb.height})")
     return rgb
+
+
+def _items(value: object, one: type | tuple[type, ...], what: str) -> list:
+    """``value`` as a list of items, a lone ``one`` (a sentence, an image) being one item: a str is also a
+    sequence of characters and an array one of rows, so ``list()`` alone would split them."""
+    if isinstance(value, one):
+        return [value]
+    try:
+        return list(value)  # type: ignore[call-overload]
+    except TypeError as exc:
+        raise InputError(f"expected {what} or a list of them, got {type(value).__name__}") from exc
+
+
+def _check(name: str, value: object, kind: type, minimum: float) -> None:
+    """The rule the command line applies to the same option (:func:`dsalign.cli_args.range_error`)."""
+    problem = range_error(value, kind, minimum)
+    if problem:
+        raise InputError(f"{name}: {problem}, got {value!r}")
+
+
+def _check_decoding(beam_size: object, max_len: object) -> None:
+    """Before any image work: torch would fail late, with its own TypeError, on a fractional beam size."""
+    _check("beam_size", beam_size, int, 1)
+    _check("max_len", max_len, int, 1)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """``device`` (default: CUDA when available), checked by placing a tensor on it, so a typo or a missing
+    GPU is one line naming the device instead of a failure while the bundles load."""
+    try:
+        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as exc:  # torch: RuntimeError for a bad name, AssertionError for no CUDA
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[-1]
+        raise InputError(f"cannot use device {str(device)!r}: {reason}") from exc
+    return resolved
 
 
 def _words(sentence: str) -> list[str]:
@@ -108,7 +152,7 @@ def load(path: str | Path, device: str | torch.device | None = None, regions: st
 
     ``regions`` overrides the region source used on raw images (``selective-search``, ``grid``).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     roles = bundles_by_role(path, device)
     return Model(roles.get("alignment"), roles.get("full"), roles.get("region"), device, regions)
 
@@ -145,14 +189,14 @@ class Model:
     def _feature_config(self, regions: str) -> FeatureConfig:
         return FeatureConfig.from_fingerprint(self.feature_settings, regions=regions)
 
-    def region_features(self, images: Sequence[ImageInput],
+    def region_features(self, images: Sequence[ImageInput] | ImageInput,
                         boxes: Sequence[Sequence[Box]] | None = None) -> list[RegionFeatures]:
         """Region boxes (region 0 = whole image) and CNN features per image; ``boxes`` replaces the proposals.
 
         The last ``FEATURE_CACHE`` results are kept by pixel content and boxes, so captioning, describing and
         aligning the same image (as the report does) computes proposals and CNN features once.
         """
-        rgb = [load_image(image) for image in images]
+        rgb = [load_image(image) for image in _items(images, _ONE_IMAGE, "an image")]
         metas = [{} for _ in rgb] if boxes is None else \
             [{"boxes": [list(map(float, b)) for b in image_boxes]} for image_boxes in boxes]
         keys = [(hashlib.sha1(image.tobytes()).hexdigest(), image.size, json.dumps(meta, sort_keys=True))
@@ -214,16 +258,18 @@ class Model:
         tokens, mask = tokens.to(self.device), mask.to(self.device)
         return bundle.model.encode_sentences(tokens, mask) * mask[..., None], mask, words
 
-    def embed_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+    def embed_images(self, images: Sequence[ImageInput] | ImageInput) -> list[torch.Tensor]:
         """Region vectors v_i [R, h] per image (the paper's Eq. 1; region 0 = whole image), on the CPU."""
+        images = _items(images, _ONE_IMAGE, "an image")
         if not images:
             return []
         features = self.region_features(images)
         v, mask = self._region_vectors(features)
         return [v[i, mask[i]].cpu() for i in range(len(features))]
 
-    def embed_sentences(self, sentences: Sequence[str]) -> list[torch.Tensor]:
+    def embed_sentences(self, sentences: Sequence[str] | str) -> list[torch.Tensor]:
         """Word vectors s_t [T, h] per sentence (Eqs. 2-6); [0, h] for a sentence without words."""
+        sentences = _items(sentences, str, "a sentence")
         if not sentences:
             return []
         s, mask, _ = self._word_vectors(sentences)
@@ -244,20 +290,22 @@ class Model:
             scores -= self.bank.image_prior(self._need(self.alignment, "alignment").model, v, vm)[:, None]
         return scores
 
-    def rank_sentences(self, image: ImageInput, sentences: Sequence[str], bank: bool = True
+    def rank_sentences(self, image: ImageInput, sentences: Sequence[str] | str, bank: bool = True
                        ) -> list[tuple[int, float]]:
         """(index into ``sentences``, score), best first. The score is S_kl, minus (when the alignment bundle
         has a retrieval bank and ``bank`` is true) how well the sentence fits the bank's images, so a sentence
         that fits any image ("a dog is running") stops outranking the ones written for this one."""
+        sentences = _items(sentences, str, "a sentence")
         if not sentences:
             return []
         row = self._scores([image], sentences, "sentences" if bank else None)[0]
         return [(int(i), float(row[i])) for i in row.argsort(descending=True, stable=True)]
 
-    def rank_images(self, sentence: str, images: Sequence[ImageInput], bank: bool = True
+    def rank_images(self, sentence: str, images: Sequence[ImageInput] | ImageInput, bank: bool = True
                     ) -> list[tuple[int, float]]:
         """(index into ``images``, score), best first: S_kl, minus (with a retrieval bank and ``bank``) how well
         the image fits the bank's captions, so an image with a bit of everything stops winning every query."""
+        images = _items(images, _ONE_IMAGE, "an image")
         if not images:
             return []
         column = self._scores(images, [sentence], "images" if bank else None)[:, 0]
@@ -286,8 +334,7 @@ class Model:
         :attr:`default_beta`); ``whole_image=False`` keeps words off region 0 when the image has other regions.
         """
         beta = self.default_beta if beta is None else beta
-        if not beta >= 0:
-            raise InputError(f"beta must be >= 0, got {beta}")
+        _check("beta", beta, float, 0.0)
         words, boxes, sim = self.similarity(image, sentence, boxes)
         if not words:
             return []
@@ -307,7 +354,9 @@ class Model:
                 length_penalty: float = 0.0) -> list[str]:
         """One generated sentence per image (the full-image generator, beam search)."""
         bundle = self._need(self.caption_full, "full-image caption")
-        images = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
+        images = _items(images, _ONE_IMAGE, "an image")
+        _check_decoding(beam_size, max_len)
+        _check("length_penalty", length_penalty, float, 0.0)
         if not images:
             return []
         # Only region 0, the whole image, is used: no proposals are needed.
@@ -320,6 +369,9 @@ class Model:
         """The paper's region-level descriptions: a phrase for each proposed region (or each of ``boxes``),
         most confident first, at most ``top_k`` (None: all)."""
         bundle = self._need(self.caption_region, "region caption")
+        if top_k is not None:
+            _check("top_k", top_k, int, 1)
+        _check_decoding(beam_size, max_len)
         features = self.region_features([image], None if boxes is None else [boxes])[0]
         if len(features.boxes) < 2:
             return []

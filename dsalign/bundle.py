@@ -10,8 +10,10 @@ half-written one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dsalign.data.feature_pipeline import load_feature_manifest
 from dsalign.hashing import file_sha256
 from dsalign.models.alignment import AlignmentConfig, AlignmentModel
 from dsalign.models.generator import CaptionGenerator, GeneratorConfig
@@ -33,6 +36,7 @@ _KINDS: dict[str, tuple[type, type]] = {  # format -> (config class, model class
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 VOCAB = "vocab.json"
+log = logging.getLogger(__name__)
 
 
 class BundleError(ValueError):
@@ -189,3 +193,28 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", expect: st
     model.to(device).eval()
     return Bundle(model, vocab, model_config, config.get("features") or {}, config.get("info") or {}, kind, hashes,
                   root)
+
+
+def _geometry(settings: dict) -> str:
+    return " (box geometry)" if settings.get("box_geometry") else ""
+
+
+def check_feature_folder(bundles: Iterable[Bundle], folder: str | Path) -> None:
+    """Refuse a feature folder of another width than a bundle was trained on (torch would fail deep inside
+    with a matrix shape error) and warn, once per difference and in one line, when its other extractor
+    settings differ from a bundle's record: such features still fit the model, but its scores mean less."""
+    manifest = load_feature_manifest(folder)
+    made, dim = manifest.get("settings") or {}, manifest.get("feature_dim")
+    differences: list[str] = []
+    for bundle in bundles:
+        trained, expected = bundle.features.get("settings") or {}, bundle.config.feature_dim
+        if dim is not None and dim != expected:
+            raise BundleError(f"features in {folder} are {dim}-d{_geometry(made)}; the bundle was trained on "
+                              f"{expected}-d features{_geometry(trained)}")
+        changed = sorted(k for k in made.keys() | trained.keys()
+                         if k != "feature_dim" and made.get(k) != trained.get(k))
+        line = ", ".join(f"{k} {made.get(k)} (bundle: {trained.get(k)})" for k in changed) if trained else ""
+        if line and line not in differences:
+            differences.append(line)
+    for line in differences:
+        log.warning("warning: features in %s were made with other settings than the bundle's: %s", folder, line)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dsalign.bundle import Bundle, bundles_by_role
+from dsalign.bundle import Bundle, bundles_by_role, check_feature_folder
 from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
 from dsalign.data.pipeline import ShardLoader, ShardStream
 from dsalign.data.shards import iter_tar_samples, shard_paths
@@ -109,6 +109,7 @@ def evaluate_bundles(bundle_path: str | Path, features: str | Path, split: str =
     result: dict = {"split": split, "features": str(features), "retrieval": None, "captions": None,
                     "regions": None, "settings": {**vars(settings), "metrics": list(metrics), "limit": limit}}
     roles = bundles_by_role(bundle_path, device)
+    check_feature_folder(roles.values(), features)
     if bundle := roles.get("alignment"):
         result["retrieval"] = retrieval_on_split(bundle, features, split, device=device, bank_images=bank_images,
                                                  temperature=bank_temperature, save_bank=save_bank)

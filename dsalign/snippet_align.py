@@ -304,6 +304,17 @@ def collect_pair_batches(model: Embedder, vocab: Vocabulary, features: str | Pat
     return out
 
 
+def _batches_with_spans(model: Embedder, vocab: Vocabulary, features: str | Path, split: str, batch_size: int,
+                        limit: int | None, device: torch.device | str) -> list[PairBatch]:
+    """:func:`collect_pair_batches`, refused when no caption has ground-truth spans: the scores would all be 0
+    over 0 mentions, which reads like a model that aligns nothing rather than data that cannot be scored."""
+    batches = collect_pair_batches(model, vocab, features, split, batch_size, limit, device)
+    if not any(info.spans for batch in batches for info in batch.pairs):
+        raise ValueError(f"split {split!r} of {features} has no ground-truth mention spans; alignment "
+                         "evaluation needs shapes-style data (`dsalign prepare shapes`)")
+    return batches
+
+
 def metrics_for_beta(batches: Sequence[PairBatch], beta: float, tolerance: int = 0, min_iou: float = 0.5,
                      whole_image: bool = True) -> dict[str, float]:
     """Accuracy / boundary F1 of the alignment at one β over pre-embedded batches."""
@@ -324,7 +335,7 @@ def evaluate_shapes_alignment(model: Embedder, vocab: Vocabulary, features: str 
     its box. Boundary F1: cut positions between predicted snippets vs the spans' start/end positions inside
     the caption (exact, or within ``tolerance`` words), micro-averaged over captions.
     """
-    batches = collect_pair_batches(model, vocab, features, split, batch_size, limit, device)
+    batches = _batches_with_spans(model, vocab, features, split, batch_size, limit, device)
     return metrics_for_beta(batches, beta, tolerance, whole_image=whole_image)
 
 
@@ -332,7 +343,7 @@ def sweep_beta(model: Embedder, vocab: Vocabulary, features: str | Path, betas: 
                split: str = "val", batch_size: int = 64, limit: int | None = None, tolerance: int = 0,
                whole_image: bool = True, device: torch.device | str = "cpu") -> list[dict[str, float]]:
     """:func:`evaluate_shapes_alignment` for several β; the embedding runs once."""
-    batches = collect_pair_batches(model, vocab, features, split, batch_size, limit, device)
+    batches = _batches_with_spans(model, vocab, features, split, batch_size, limit, device)
     return [{**metrics_for_beta(batches, beta, tolerance, whole_image=whole_image), "whole_image": whole_image}
             for beta in betas]
 

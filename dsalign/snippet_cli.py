@@ -11,11 +11,9 @@ from dsalign.cli_args import bounded, positive
 
 
 def _float_list(value: str) -> list[float]:
-    """argparse type: comma-separated floats (a β sweep)."""
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from exc
+    """argparse type: comma-separated β values, each held to the same rule as ``--beta`` (a number >= 0)."""
+    parse = bounded(float, 0.0)
+    return [parse(x.strip()) for x in value.split(",") if x.strip()]
 
 
 def add_align_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +60,7 @@ def add_align_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_align(args: argparse.Namespace) -> None:
-    from dsalign.bundle import load_alignment_bundle
+    from dsalign.bundle import check_feature_folder, load_alignment_bundle
     from dsalign.snippet_align import align_folder, sweep_beta
 
     if args.features is None:
@@ -73,6 +71,7 @@ def _run_align(args: argparse.Namespace) -> None:
     args.beta = 0.0 if args.beta is None else args.beta
     args.device = args.device or "cpu"
     bundle = load_alignment_bundle(args.bundle, args.device)
+    check_feature_folder([bundle], args.features)
     if args.evaluate:
         for row in sweep_beta(bundle.model, bundle.vocab, args.features, args.evaluate, args.split,
                               args.batch_size, args.limit, whole_image=not args.objects_only,

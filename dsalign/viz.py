@@ -9,6 +9,7 @@ PIL only; text uses PIL's default (FreeType) font.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,12 +91,27 @@ def _array_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(data)
 
 
+class ImageTooLarge(ValueError):
+    """PIL's decompression-bomb guard refused a file; a ValueError, so callers that skip unreadable images
+    skip this one too instead of crashing on PIL's own exception class."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The decoded image at ``path``; :class:`ImageTooLarge` ("image too large (196 MP)") past PIL's limit."""
+    try:
+        with Image.open(path) as opened:
+            return opened.copy()
+    except Image.DecompressionBombError as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))  # PIL's message is the only place holding the size
+        size = f"{int(pixels[1]) / 1e6:.0f} MP" if pixels else f"over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} MP"
+        raise ImageTooLarge(f"image too large ({size})") from exc
+
+
 def to_rgb(image: Image.Image | np.ndarray | str | Path) -> Image.Image:
     """Any PIL mode (L, RGBA, P, CMYK, I;16, F, ...), array or image path as RGB. Transparency goes onto
     white, not black, so dark boxes and text stay visible; 16-bit and float images are stretched to 8 bits."""
     if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            image = opened.copy()
+        image = open_image(image)
     if isinstance(image, np.ndarray):
         image = _array_image(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;"):

@@ -246,3 +246,86 @@ def test_region_features_are_computed_once_per_image(model, scene, monkeypatch):
     # caption() reads only region 0, which does not depend on the proposals
     torch.testing.assert_close(whole_only.features[0], model.region_features([image])[0].features[0],
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    """A 14000 x 14000 PNG (196 MP, past PIL's decompression-bomb limit) of about 24 KB: 1-bit, all black."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    Image.new("1", (14000, 14000)).save(path)
+    return path
+
+
+def test_huge_images_are_one_line_errors(model, bomb):
+    from dsalign.viz import ImageTooLarge, to_rgb
+
+    with pytest.raises(ImageTooLarge, match=r"image too large \(196 MP\)"):
+        to_rgb(bomb)
+    for call in (lambda: model.caption(bomb), lambda: model.describe_regions(bomb),
+                 lambda: model.align(bomb, "a red star"), lambda: model.rank_images("a red star", [bomb])):
+        with pytest.raises(InputError, match=r"bomb.png: image too large \(196 MP\)"):
+            call()
+
+
+def test_commands_name_a_huge_image_and_report_skips_it(model_dir, scene, bomb, tmp_path, capsys):
+    status, _, err = _run("caption", str(bomb), "--bundle", str(model_dir), "--device", "cpu", capsys=capsys)
+    assert status == 2 and "image too large (196 MP)" in err and len(err.strip().splitlines()) == 1
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.open(scene[2]).save(folder / "one.png")
+    (folder / "bomb.png").write_bytes(bomb.read_bytes())
+    status, out, _ = _run("report", "--bundle", str(model_dir), "--images", str(folder), "--out",
+                          str(tmp_path / "r.html"), "--beam-size", "1", "--top-k", "1", "--device", "cpu",
+                          capsys=capsys)
+    assert status == 0 and "skipped bomb.png" in out and "image too large" in out and "1 images" in out
+    assert "one.png" in (tmp_path / "r.html").read_text()
+
+
+def test_a_single_sentence_or_image_is_one_item(model, scene):
+    image, _, path = scene
+    assert len(model.rank_sentences(image, "a red star")) == 1
+    assert model.rank_sentences(image, "a red star", bank=False) == model.rank_sentences(image, ["a red star"],
+                                                                                           bank=False)
+    (vectors,) = model.embed_sentences("a red star")
+    assert vectors.shape[0] == 3
+    assert len(model.rank_images("a red star", path)) == 1 and len(model.rank_images("a red star", image)) == 1
+    assert len(model.embed_images(np.asarray(image))) == 1
+    with pytest.raises(InputError, match="a sentence or a list of them"):
+        model.embed_sentences(None)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, img: m.describe_regions(img, top_k=-1), "top_k: expected an integer >= 1, got -1"),
+    (lambda m, img: m.describe_regions(img, top_k=0), "top_k"),
+    (lambda m, img: m.describe_regions(img, top_k=2.5), "top_k"),
+    (lambda m, img: m.describe_regions(img, max_len=0), "max_len"),
+    (lambda m, img: m.caption([img], beam_size=1.5), "beam_size: expected an integer >= 1, got 1.5"),
+    (lambda m, img: m.caption([img], beam_size=True), "beam_size"),
+    (lambda m, img: m.caption([img], length_penalty=float("nan")), "length_penalty"),
+    (lambda m, img: m.align(img, "a red star", beta=float("inf")), "beta"),
+    (lambda m, img: m.caption(np.full((32, 32, 3), np.nan)), "NaN or infinite"),
+    (lambda m, img: m.caption(np.full((32, 32), np.inf, dtype=np.float32)), "NaN or infinite"),
+])
+def test_bad_arguments_are_input_errors(model, scene, call, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(model, scene[0])
+
+
+def test_a_bad_device_is_named(model_dir):
+    with pytest.raises(InputError, match="cannot use device 'foo'"):
+        dsalign.load(model_dir, device="foo")
+
+
+def test_eval_refuses_features_of_another_width(model_dir, tiny_demo, tmp_path, capsys):
+    """The demo's bundles were trained on crop features with the box appended (1284-d): features made without
+    --box-geometry (1280-d) are refused before any shard is read."""
+    from dsalign.data.manifest import load_manifest, write_manifest
+
+    manifest = load_manifest(tiny_demo[0] / "features")
+    assert manifest["feature_dim"] == 1284 and manifest["settings"]["box_geometry"]
+    settings = {k: v for k, v in manifest["settings"].items() if k != "box_geometry"}
+    write_manifest(tmp_path, {**manifest, "feature_dim": 1280, "settings": {**settings, "feature_dim": 1280}})
+    status, out, err = _run("eval", "--bundle", str(model_dir), "--features", str(tmp_path), capsys=capsys)
+    assert status == 2 and not out and len(err.strip().splitlines()) == 1
+    assert err.strip().endswith(f"features in {tmp_path} are 1280-d; the bundle was trained on 1284-d features "
+                                "(box geometry)")

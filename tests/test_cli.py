@@ -74,3 +74,34 @@ def test_invalid_flag_values_are_rejected_by_the_parser(capsys):
 def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "dsalign.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("dsalign ")
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--bundle", "b", "--features", "f", "--length-penalty", "nan"],
+    ["eval", "--bundle", "b", "--features", "f", "--length-penalty", "inf"],
+    ["features", "d", "--out", "o", "--min-side", "nan"],
+    ["align", "--bundle", "b", "--beta", "nan"],
+])
+def test_numeric_flags_reject_nan_and_infinity(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and f"got '{argv[-1]}'" in capsys.readouterr().err
+
+
+def test_unreadable_backbone_weights_are_one_line(tmp_path, capsys):
+    from dsalign.features.backbones import load_state_dict_file
+
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\xff\xd8\xff\xe0 not a state dict")
+    assert main(["prepare", "shapes", "--out", str(tmp_path / "sh"), "--n-train", "2", "--n-val", "0",
+                 "--n-test", "0", "--quiet"]) == 0
+    assert main(["features", str(tmp_path / "sh"), "--out", str(tmp_path / "f"), "--backbone", "resnet18",
+                 "--backbone-weights", str(garbage), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"cannot read weights {garbage}: not a PyTorch/safetensors state dict (corrupt or "
+                        "truncated?)") and len(err.splitlines()) == 1
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert load_state_dict_file(tmp_path / "w.safetensors")["w"].tolist() == [1.0, 1.0]

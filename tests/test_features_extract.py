@@ -294,3 +294,28 @@ def test_cli_parser_runs_the_extraction(tmp_path, images_dir, capsys):
         parser.parse_args(["features", str(images_dir), "--out", str(out), "--top-k", "-1"])
     with pytest.raises(ValueError, match="not a feature folder"):
         load_feature_manifest(images_dir)
+
+
+def _images_with_boxes(src: Path, with_boxes: list[bool]) -> Path:
+    """One train shard of shapes images; image i keeps its boxes only where ``with_boxes[i]``."""
+    records = generate_shapes(len(with_boxes), "train", seed=3, image_size=64)
+    with ShardWriter(src / "train", "train") as writer:
+        for i, (record, keep) in enumerate(zip(records, with_boxes)):
+            meta = {"image_id": record.image_id, "split": "train", **({"boxes": record.boxes} if keep else {}),
+                    "captions": [{"raw": c.raw, "tokens": c.tokens} for c in record.captions]}
+            writer.write(f"{i:09d}", {"json": json.dumps(meta).encode(), "png": record.image_bytes})
+    Vocabulary(["a"]).save(src / "vocab.json")
+    write_manifest(src, {"name": "boxes", "vocab": "vocab.json", "vocab_size": 5, "splits": {"train": {
+        "images": len(with_boxes), "captions": 0, "shards": ["train/train-000000.tar"], "skipped": {}}}})
+    return src
+
+
+def test_given_regions_without_boxes_are_counted_or_refused(tmp_path, extractor):
+    some = _run(_images_with_boxes(tmp_path / "some", [True, False, True]), tmp_path / "f1", extractor)
+    assert some["splits"]["train"]["no_boxes"] == 1 and some["splits"]["train"]["images"] == 3
+    assert "3 images, 15 captions, 1 shards, 1 without given boxes (whole image only)" in \
+        features_cli.summary(some, tmp_path / "f1")
+    none = _images_with_boxes(tmp_path / "none", [False, False])
+    with pytest.raises(ValueError, match="none of the 2 train images has boxes in the data; use --regions grid"):
+        _run(none, tmp_path / "f2", extractor)
+    assert not (tmp_path / "f2" / "manifest.json").exists()

@@ -71,11 +71,13 @@ def _vocab() -> Vocabulary:
     return Vocabulary(WORDS)
 
 
-def _write_features(root: Path, n_shards: int = 2, per_shard: int = 3, feature_dim: int = 3) -> Path:
+def _write_features(root: Path, n_shards: int = 2, per_shard: int = 3, feature_dim: int = 3,
+                    spans: list | None = SPANS) -> Path:
     """A feature folder (as `dsalign features --regions given` writes it) plus the image folder it came from.
 
     Features are the identity rows, so region r embeds as axis r; captions 0 and 2 are the known sentence,
-    caption 1 is empty (kept in the metadata, skipped by the reader: its index must survive).
+    caption 1 is empty (kept in the metadata, skipped by the reader: its index must survive). ``spans`` None:
+    captions without ground-truth spans, as in Flickr or COCO data.
     """
     feat, img = root / "feat", root / "img"
     shards = []
@@ -86,9 +88,9 @@ def _write_features(root: Path, n_shards: int = 2, per_shard: int = 3, feature_d
             for i in range(per_shard):
                 key = f"{s * per_shard + i:09d}"
                 meta = {"image_id": f"img-{key}", "split": "train", "boxes": BOXES,
-                        "captions": [{"raw": " ".join(CAPTION), "tokens": CAPTION, "spans": SPANS},
+                        "captions": [{"raw": " ".join(CAPTION), "tokens": CAPTION, "spans": spans},
                                      {"raw": "", "tokens": []},
-                                     {"raw": " ".join(CAPTION), "tokens": CAPTION, "spans": SPANS}]}
+                                     {"raw": " ".join(CAPTION), "tokens": CAPTION, "spans": spans}]}
                 features = np.zeros((3, feature_dim), dtype=np.float16)
                 features[:, :3] = np.eye(3)
                 buffer = io.BytesIO()
@@ -212,6 +214,55 @@ def test_cli_with_an_exported_bundle(tmp_path: Path, features: Path, capsys: pyt
     run("--picture", str(tmp_path / "pic.png"), "--show-image", "img-000000004")
     assert "img-000000004" in capsys.readouterr().out
     assert Image.open(tmp_path / "pic.png").width >= 384
+
+
+def _bundle(path: Path, feature_dim: int = 3, settings: dict | None = None) -> Path:
+    torch.manual_seed(0)
+    model = AlignmentModel(AlignmentConfig(len(_vocab()), feature_dim, embed_dim=8, word_dim=8, hidden_dim=8))
+    return export_bundle(model, _vocab(), path, features={"settings": settings or {}})
+
+
+def _main(*argv: str, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    from dsalign.cli import main
+
+    status = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) <= 1
+    return status, err
+
+
+def test_evaluate_needs_non_negative_betas_and_ground_truth_spans(tmp_path: Path, capsys) -> None:
+    bundle = _bundle(tmp_path / "bundle")
+    no_spans = _write_features(tmp_path / "flickr", spans=None)
+    with pytest.raises(SystemExit):
+        _main("align", "--bundle", str(bundle), "--features", str(no_spans), "--evaluate", "0.3,-1", capsys=capsys)
+    assert "expected a number >= 0.0, got '-1'" in capsys.readouterr().err
+    status, err = _main("align", "--bundle", str(bundle), "--features", str(no_spans), "--evaluate", "0.3",
+                        capsys=capsys)
+    assert status == 2 and "has no ground-truth mention spans" in err
+    with pytest.raises(ValueError, match="no ground-truth mention spans"):
+        evaluate_shapes_alignment(LookupModel(_vocab()), _vocab(), no_spans, beta=0.0, split="train")
+
+
+def test_features_that_do_not_match_the_bundle(tmp_path: Path, features: Path, capsys) -> None:
+    wide = _bundle(tmp_path / "wide", feature_dim=7, settings={"backbone": "b", "box_geometry": True})
+    status, err = _main("align", "--bundle", str(wide), "--features", str(features), "--out", str(tmp_path / "s"),
+                        capsys=capsys)
+    assert status == 2 and err.endswith(f"features in {features} are 3-d; the bundle was trained on 7-d features "
+                                        "(box geometry)")
+    assert not (tmp_path / "s").exists()
+
+
+def test_other_extractor_settings_are_one_warning(tmp_path: Path, caplog) -> None:
+    from dsalign.bundle import check_feature_folder, load_bundle
+
+    bundle = load_bundle(_bundle(tmp_path / "b", settings={"backbone": "resnet18", "top_k": 4}))
+    feat = _write_features(tmp_path / "f", n_shards=1)
+    manifest = json.loads((feat / "manifest.json").read_text())
+    write_manifest(feat, {**manifest, "settings": {"backbone": "resnet18", "top_k": 9, "feature_dim": 3}})
+    check_feature_folder([bundle, bundle], feat)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: features in {feat} were made with other settings than the bundle's: top_k 9 (bundle: 4)"]
 
 
 def test_draw_alignment_writes_boxes_and_labels(tmp_path: Path) -> None:

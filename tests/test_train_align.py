@@ -311,3 +311,95 @@ def test_learning_rate_schedule_reaches_the_optimizer_under_zero2(tmp_path: Path
     assert not all(torch.equal(weights[2][k], weights[4][k]) for k in weights[2])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if r["kind"] == "train"] == [0.0015, 0.003, 0.003, 0.003, 0, 0, 0, 0]
+
+
+# --- refused before training ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("zero", "message"), [
+    ({"stage": 3}, "zero_optimization.stage must be 0, 1 or 2 (ZeRO 3 is not supported), got 3"),
+    ({"stage": 7}, "got 7"),
+    ({"stage": "2"}, "got '2'"),
+    ([2], "zero_optimization must be a JSON object"),
+])
+def test_deepspeed_json_zero_stage_is_range_checked(tmp_path: Path, zero: object, message: str) -> None:
+    """The JSON's stage wins over distributed.zero_stage, so it gets the same check (ZeRO 3 used to crash at the
+    first checkpoint save, stage 7 inside DeepSpeed's pydantic model)."""
+    from dsalign.train.runtime import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    config = load_config_data({"data": {"features": "f"}, "distributed": {"deepspeed_config": str(path)}})
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}}))
+    assert deepspeed_config(config, 1, "fp32")["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(config, 1, "fp32")
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_too_few_val_captions_are_refused_before_training(tmp_path: Path, features: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """The shapes val images have 5 captions each; asking for 6 used to fail at the first validation, after
+    eval_every steps and without a checkpoint."""
+    from dsalign.cli import main
+
+    config = _config(tmp_path, features)
+    assert main(["train", "align", "--config", str(config), "--set", "data.captions_per_image=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data.val_split 'val'" in err and "6 captions (at most 5)" in err and "data.captions_per_image" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_empty_or_missing_val_split_is_refused() -> None:
+    from dsalign.train.align import require_val_images
+
+    manifest = {"splits": {"train": {"images": 4, "shards": ["a.tar"]}, "val": {"images": 0, "shards": []}}}
+    require_val_images(manifest, "feat", "train")
+    with pytest.raises(ConfigError, match="data.val_split 'val' of feat has no images"):
+        require_val_images(manifest, "feat", "val")
+    with pytest.raises(ConfigError, match=r"data.val_split 'dev' is not a split of feat \(has: train, val\)"):
+        require_val_images(manifest, "feat", "dev")
+
+
+def test_validation_without_enough_captions_names_the_split_and_key(tmp_path: Path, features: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should the split change after the start-up check, validation still fails in one line naming both."""
+    from dsalign.train import align
+    from dsalign.train.loop import RunContext
+    from dsalign.train.runtime import RunLogger
+
+    monkeypatch.setattr(align, "check_val_captions", lambda *args: None)
+    config = load_config(_config(tmp_path, features), ["data.captions_per_image=6"])
+    ctx = RunContext(config, torch.device("cpu"), "fp32", 0, 1, RunLogger(tmp_path, False, print), False)
+    task = align.alignment_task(ctx)
+    assert task.evaluate is not None
+    with pytest.raises(ConfigError, match=r"data.val_split 'val': no image has 6 captions \(at most 5\); set "
+                                          "data.captions_per_image to 5 or less"):
+        task.evaluate(task.model, 0)
+
+
+def test_resume_after_a_model_change_names_the_changed_key(tmp_path: Path, features: Path) -> None:
+    """--resume with another model.embed_dim used to print torch's state_dict dump, one line per tensor; now one
+    line names the key (from the run's config.json), else the first tensor that does not fit."""
+    import torch.distributed as dist
+
+    from dsalign.train.align import train_alignment
+
+    path = _config(tmp_path, features, max_steps=2, eval_every=0)
+
+    def run(overrides: list[str], resume: bool) -> None:
+        try:
+            train_alignment(load_config(path, overrides), resume=resume, echo=lambda _: None)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    run([], False)
+    with pytest.raises(CheckpointError) as err:
+        run(["model.embed_dim=24", "train.max_steps=4"], True)
+    message = str(err.value)
+    assert "model.embed_dim=16 in the checkpoint, 24 now" in message and "use another train.out_dir" in message
+    assert "\n" not in message and "max_steps" not in message
+    (tmp_path / "run" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"its weights do not fit this model: \S+ is \[\d+(, \d+)*\] in the "
+                                              r"checkpoint, \[\d+(, \d+)*\] now \(and \d+ more\)"):
+        run(["model.embed_dim=24", "train.max_steps=4"], True)

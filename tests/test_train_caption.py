@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -93,3 +94,51 @@ def test_a_short_run_exports_a_bundle_and_resumes(tiny_demo, tmp_path, level):
     assert main(["train", "caption", "--config", str(config), "--resume", "--set", "train.max_steps=6"]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 6 and (tmp_path / "run" / "checkpoints" / "step_000000006").is_dir()
+
+
+def test_snippets_of_features_with_another_vocabulary_are_refused(tiny_demo, tmp_path, capsys):
+    """Snippets made from one feature folder used to train silently, mostly as <unk>, with the vocabulary of
+    another; the snippet manifest records where they came from."""
+    out = tiny_demo[0]
+    other = tmp_path / "other_features"
+    shutil.copytree(out / "features", other)
+    vocab = Vocabulary.load(other / "vocab.json")
+    Vocabulary(vocab.itos[4:-3], vocab.counts, vocab.min_count).save(other / "vocab.json")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(_config(other, tmp_path / "run", level="region", snippets=str(out / "snippets"))))
+    assert main(["train", "caption", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"data.snippets {out / 'snippets'} was made from the features in {(out / 'features').resolve()}" in err
+    assert "3 words that data.features" in err and "<unk>" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_folder_that_is_not_a_snippet_folder_is_refused(tiny_demo, tmp_path):
+    from dsalign.train.caption import load_snippet_manifest
+
+    out = tiny_demo[0]
+    features, vocab = out / "features", Vocabulary.load(out / "features" / "vocab.json")
+    manifest = json.loads((out / "snippets" / "manifest.json").read_text())
+    dim = manifest["feature_dim"]
+    for folder in (features, tmp_path):
+        with pytest.raises(ConfigError, match="is not a snippet folder: no manifest.json from `dsalign align`"):
+            load_snippet_manifest(str(folder), str(features), dim, vocab, print)
+    with pytest.raises(ConfigError, match=f"holds {dim}-d region vectors, data.features {features} 7-d"):
+        load_snippet_manifest(str(out / "snippets"), str(features), 7, vocab, print)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    manifest["settings"]["features"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    notes = []
+    assert load_snippet_manifest(str(moved), str(features), dim, vocab, notes.append)["kind"] == "snippets"
+    assert len(notes) == 1 and "cannot check the vocabulary" in notes[0]
+
+
+def test_caption_resume_into_an_alignment_run_is_refused(tiny_demo, tmp_path, capsys):
+    out = tiny_demo[0]
+    shutil.copytree(out / "align", tmp_path / "run")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(_config(out / "features", tmp_path / "run")))
+    assert main(["train", "caption", "--config", str(config), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is from a `train align` run, this is `train caption`: use another train.out_dir" in err

@@ -59,17 +59,33 @@ class Backbone(nn.Module):
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain state dict from a local file; ``weights_only=True`` never runs pickled code."""
+    """A plain state dict from a local PyTorch (``weights_only=True``, never runs pickled code) or safetensors
+    file. Any unreadable file is one line: torch's own text spans several and advises the unsafe
+    ``weights_only=False``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many exception types for a corrupt or foreign file
-        raise ValueError(f"cannot read weights {path}: {exc}") from exc
+    state = _read_state(path)
+    if state is None:
+        raise ValueError(f"cannot read weights {path}: not a PyTorch/safetensors state dict (corrupt or truncated?)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict (save model.state_dict())")
     return state
+
+
+def _read_state(path: Path) -> object | None:
+    """What ``path`` holds as a torch file, else as a safetensors file; None when it is neither (torch and
+    safetensors raise many exception types for a corrupt or foreign file)."""
+    from safetensors.torch import load_file
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return load_file(str(path))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 class _LiteTrunk(nn.Module):

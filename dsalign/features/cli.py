@@ -110,6 +110,8 @@ def summary(manifest: dict, out: Path) -> str:
     for split, info in manifest["splits"].items():
         skipped = sum(info["skipped"].values())
         detail = ", ".join(f"{k}={v}" for k, v in info["skipped"].items())
+        no_boxes = info.get("no_boxes", 0)
         lines.append(f"  {split:>5}: {info['images']} images, {info['captions']} captions, "
-                     f"{len(info['shards'])} shards" + (f", skipped {skipped} ({detail})" if skipped else ""))
+                     f"{len(info['shards'])} shards" + (f", skipped {skipped} ({detail})" if skipped else "")
+                     + (f", {no_boxes} without given boxes (whole image only)" if no_boxes else ""))
     return "\n".join(lines)

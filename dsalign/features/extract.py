@@ -192,6 +192,7 @@ class ShardStats:
     input: str
     images: int = 0
     captions: int = 0
+    no_boxes: int = 0  # --regions given: images kept with the whole image only, the data gave them no boxes
     skipped: Counter = field(default_factory=Counter)
     skipped_samples: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
@@ -326,6 +327,8 @@ class FeatureExtractor:
                                     "npy": buffer.getvalue()})
             stats.images += 1
             stats.captions += len(item.meta.get("captions") or [])
+            if self.config.regions == "given" and not item.meta.get("boxes"):
+                stats.no_boxes += 1
 
 
 def _advance(bar: tqdm | None) -> None:
@@ -339,6 +342,15 @@ def _advance(bar: tqdm | None) -> None:
 
 
 
+
+
+def _check_given_boxes(splits: dict[str, dict]) -> None:
+    """Refuse a split where ``--regions given`` found no boxes at all: every image would hold the whole image
+    only, which trains and aligns nothing useful, and nothing else would say so. No manifest is written."""
+    for split, entry in sorted(splits.items()):
+        if entry["images"] and entry["no_boxes"] == entry["images"]:
+            raise ValueError(f"--regions given: none of the {entry['images']} {split} images has boxes in the "
+                             "data; use --regions grid or selective-search")
 
 
 def _check_settings(shard: Path, stats: dict, settings: dict) -> None:
@@ -460,14 +472,17 @@ def _write_feature_manifest(src: Path, out: Path, source_manifest: dict, jobs: l
         stats = finished_stats(out / rel)
         assert stats is not None  # _wait_for guarantees it
         _check_settings(out / rel, stats, settings)
-        entry = splits.setdefault(split, {"images": 0, "captions": 0, "shards": [], "skipped": Counter()})
+        entry = splits.setdefault(split, {"images": 0, "captions": 0, "no_boxes": 0, "shards": [],
+                                          "skipped": Counter()})
         entry["images"] += stats["images"]
         entry["captions"] += stats["captions"]
+        entry["no_boxes"] += stats.get("no_boxes", 0)  # stats written before the count existed: none known
         entry["shards"].append(rel)
         entry["skipped"].update(stats["skipped"])
         skipped.extend({"split": split, **s} for s in stats["skipped_samples"])
     for entry in splits.values():
         entry["skipped"] = dict(sorted(entry["skipped"].items()))
+    _check_given_boxes(splits)
     manifest = {
         "kind": FEATURES_KIND,
         "name": source_manifest.get("name", src.name),

@@ -19,7 +19,7 @@ from dsalign.data.shards import shard_paths
 from dsalign.models.alignment import AlignmentConfig, AlignmentModel, init_word_embeddings
 from dsalign.ops.score import score_matrix
 from dsalign.text import Vocabulary
-from dsalign.train.config import TrainConfig
+from dsalign.train.config import ConfigError, TrainConfig
 from dsalign.train.distributed import alignment_loss
 from dsalign.train.loop import RunContext, TrainTask, fit
 
@@ -36,6 +36,14 @@ def pick_captions(tokens: torch.Tensor, token_mask: torch.Tensor, caption_mask: 
     chosen, mask = tokens[rows, choice], token_mask[rows, choice]
     length = max(int(mask.sum(1).max()), 1)
     return chosen[:, :length], mask[:, :length]
+
+
+class TooFewCaptionsError(ValueError):
+    """No image of a split has the fixed number of captions per image that R@K needs."""
+
+    def __init__(self, needed: int, most: int):
+        super().__init__(f"no image of the split has {needed} captions (the most any image has: {most})")
+        self.needed, self.most = needed, most
 
 
 @dataclass
@@ -62,11 +70,13 @@ def embed_split(model: AlignmentModel, loader: ShardLoader, captions_per_image: 
     images: list[tuple[torch.Tensor, torch.Tensor]] = []
     words: list[tuple[torch.Tensor, torch.Tensor]] = []
     token_ids: list[tuple[torch.Tensor, torch.Tensor]] = []
-    skipped = taken = 0
+    skipped = taken = most = 0
     c = captions_per_image
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for batch in loader:
-        enough = batch["caption_mask"].sum(1) >= c
+        counts = batch["caption_mask"].sum(1)
+        most = max(most, int(counts.max()))
+        enough = counts >= c
         skipped += int((~enough).sum())
         keep = enough if max_images is None else enough & (enough.cumsum(0) <= max_images - taken)
         taken += int(keep.sum())
@@ -84,7 +94,7 @@ def embed_split(model: AlignmentModel, loader: ShardLoader, captions_per_image: 
             break
     model.train(was_training)
     if not images:
-        raise ValueError("the split has no image with enough captions")
+        raise TooFewCaptionsError(c, most)
     v, vm = _pad_cat(images)
     s, sm = _pad_cat(words)
     return SplitEmbeddings(v, vm, s, sm, _pad_cat(token_ids)[0], skipped)
@@ -173,18 +183,55 @@ def alignment_task(ctx: RunContext) -> TrainTask:
                               t.score_backend) * scale
 
     evaluate = None
-    if config.data.val_split and t.eval_every > 0 and ctx.rank == 0:
-        val_stream = ShardStream(shard_paths(features, config.data.val_split), decoder, collate_features,
+    val_split, needed = config.data.val_split, config.data.captions_per_image
+    if val_split and t.eval_every > 0 and ctx.rank == 0:
+        require_val_images(manifest, features, val_split)
+        val_stream = ShardStream(shard_paths(features, val_split), decoder, collate_features,
                                  config.data.val_batch_size, mode="eval", rank=0, world_size=1)
+        check_val_captions(val_stream, val_split, needed)
         val_loader = ShardLoader(val_stream, num_workers=config.data.num_workers)
 
         def evaluate(module: torch.nn.Module, step: int) -> dict:
-            return evaluate_retrieval(module, val_loader, config.data.captions_per_image, device,
-                                      t.score_backend, ctx.precision)
+            try:
+                return evaluate_retrieval(module, val_loader, needed, device, t.score_backend, ctx.precision)
+            except TooFewCaptionsError as exc:
+                raise caption_shortage(val_split, needed, exc.most) from exc
 
     return TrainTask("align", model, vocab, stream, loader, batch_loss,
                      features=feature_info(manifest), evaluate=evaluate, select_key="rsum",
                      describe=describe_retrieval)
+
+
+def require_val_images(manifest: dict, features: str | Path, split: str) -> None:
+    """Validation of a split the feature folder lacks, or one without images, would fail ``eval_every`` steps
+    into the run (losing them); the manifest tells before training starts."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ConfigError(f"data.val_split {split!r} is not a split of {features} (has: {', '.join(sorted(splits))}); "
+                          "set data.val_split to one of them, or null to train without validation")
+    if splits[split].get("images") == 0:
+        raise ConfigError(f"data.val_split {split!r} of {features} has no images; set data.val_split to another "
+                          "split, or null to train without validation")
+
+
+def check_val_captions(stream: ShardStream, split: str, needed: int) -> None:
+    """Validation scores the first ``needed`` captions of each image and fails when no image has that many; the
+    split's first batch shows it before training (a few samples, not the whole split)."""
+    batch = next((b for b in stream if "caption_mask" in b), None)
+    counts = batch["caption_mask"].sum(1).tolist() if batch is not None else []
+    if max(counts, default=0) < needed:
+        scope = f" among its first {len(counts)} images" if len(counts) == stream.batch_size else ""
+        raise caption_shortage(split, needed, max(counts, default=0), scope)
+
+
+def caption_shortage(split: str, needed: int, most: int, scope: str = "") -> ConfigError:
+    """The one-line error for a validation split without ``needed`` captions per image: the split, the most
+    captions found and the key to change."""
+    if most == 0:
+        return ConfigError(f"data.val_split {split!r} has no usable image{scope}; set data.val_split to another "
+                           "split, or null to train without validation")
+    return ConfigError(f"data.val_split {split!r}: no image{scope} has {needed} captions (at most {most}); set "
+                       f"data.captions_per_image to {most} or less, or data.val_split to null")
 
 
 FEATURE_INFO = ("backbone", "feature_dim", "region_source", "top_k", "image_size", "pooling")

@@ -20,7 +20,7 @@ import torch
 
 from dsalign.data.caption_pipeline import SnippetDecoder, WholeImageDecoder, collate_sentences
 from dsalign.data.feature_pipeline import load_feature_manifest
-from dsalign.data.manifest import load_manifest
+from dsalign.data.manifest import MANIFEST_NAME, load_manifest
 from dsalign.data.pipeline import ShardLoader, ShardStream
 from dsalign.data.shards import iter_tar_samples, shard_paths
 from dsalign.eval.generation import (
@@ -31,8 +31,8 @@ from dsalign.eval.generation import (
 )
 from dsalign.models.generator import CaptionGenerator, GeneratorConfig, teacher_forced_loss
 from dsalign.text import Vocabulary
-from dsalign.train.align import feature_info
-from dsalign.train.config import CaptionTrainConfig
+from dsalign.train.align import feature_info, require_val_images
+from dsalign.train.config import CaptionTrainConfig, ConfigError
 from dsalign.train.loop import RunContext, TrainTask, fit
 
 
@@ -82,9 +82,10 @@ def caption_task(ctx: RunContext) -> TrainTask:
         sentences = int(manifest["splits"][d.train_split].get("captions", 0))
     else:
         assert d.snippets is not None
+        snippets = load_snippet_manifest(d.snippets, d.features, feature_dim, vocab, ctx.log.message)
         decoder = SnippetDecoder(vocab, d.max_len, feature_dim)
         urls = shard_paths(d.snippets, d.train_split)
-        sentences = int(load_manifest(d.snippets)["splits"][d.train_split].get("snippets", 0))
+        sentences = int(snippets["splits"][d.train_split].get("snippets", 0))
     if not ctx.resuming:
         model.init_output_bias(word_counts(vocab, sentences, d.snippets if d.level == "region" else None,
                                            d.train_split))
@@ -102,6 +103,8 @@ def caption_task(ctx: RunContext) -> TrainTask:
     settings = DecodeSettings(config.decode.beam_size, config.decode.max_len, config.decode.length_penalty)
     evaluate, select_key = None, ""
     validates = bool(d.val_split) and t.eval_every > 0 and ctx.rank == 0
+    if validates:
+        require_val_images(manifest, d.features, d.val_split)
     probe = region_targets(d.features, d.val_split, vocab, limit=50)[0] if validates and d.level == "region" else []
     if validates and d.level == "region" and not probe:
         ctx.log.message(f"caption: val split {d.val_split!r} has no ground-truth mention spans: no validation, "
@@ -121,6 +124,40 @@ def caption_task(ctx: RunContext) -> TrainTask:
     return TrainTask("caption", model, vocab, stream, loader, batch_loss,
                      features=feature_info(manifest), info={"level": d.level},
                      evaluate=evaluate, select_key=select_key, describe=describe_caption_metrics)
+
+
+def load_snippet_manifest(snippets: str, features: str, feature_dim: int, vocab: Vocabulary,
+                          note: Callable[[str], None]) -> dict:
+    """``data.snippets``'s manifest, refused up front unless it is a snippet folder made from features this run
+    can use: region vectors of another size would be skipped one by one, and words that ``vocab`` lacks would
+    silently train as <unk>."""
+    manifest = load_manifest(snippets) if (Path(snippets) / MANIFEST_NAME).is_file() else {}
+    if manifest.get("kind") != "snippets":
+        raise ConfigError(f"data.snippets {snippets} is not a snippet folder: no {MANIFEST_NAME} from `dsalign align`")
+    if manifest.get("feature_dim") != feature_dim:
+        raise ConfigError(f"data.snippets {snippets} holds {manifest.get('feature_dim')}-d region vectors, "
+                          f"data.features {features} {feature_dim}-d: make the snippets from data.features "
+                          "with `dsalign align`")
+    source = (manifest.get("settings") or {}).get("features")
+    unknown = _unknown_words(Path(source), vocab) if source else None
+    if unknown is None:
+        note(f"caption: cannot check the vocabulary of data.snippets {snippets}: the feature folder it records "
+             f"({source}) has no vocab.json any more")
+    elif unknown:
+        raise ConfigError(f"data.snippets {snippets} was made from the features in {source}, whose vocabulary has "
+                          f"{len(unknown)} words that data.features {features} lacks (e.g. {unknown[0]!r}; they "
+                          "would train as <unk>): make the snippets from data.features with `dsalign align`")
+    return manifest
+
+
+def _unknown_words(source: Path, vocab: Vocabulary) -> list[str] | None:
+    """The words of ``source``'s vocabulary that ``vocab`` lacks (snippet words are stored as text and encoded
+    with ``vocab``, so only missing words matter, not ids); None when ``source`` has no vocabulary any more
+    (folders move: the snippets record the path they were made from)."""
+    path = source / "vocab.json"
+    if not path.is_file():
+        return None
+    return [word for word in Vocabulary.load(path).itos if word not in vocab.stoi]
 
 
 def describe_caption_metrics(m: dict) -> str:

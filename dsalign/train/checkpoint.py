@@ -143,3 +143,45 @@ def load_file(path: str | Path, name: str) -> dict:
         return torch.load(Path(path) / name, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError for altered files
         raise CheckpointError(f"checkpoint {path}: cannot load {name}: {exc}") from exc
+
+
+# The config keys that decide the shapes of the weights: the model's sizes and (through its vocabulary) the
+# feature folder.
+WEIGHT_KEYS = ("model.", "data.features")
+_UNSET = object()
+
+
+def state_mismatches(expected: dict, found: dict) -> list[str]:
+    """Why ``found`` (a checkpoint's weights) cannot load into a model whose ``state_dict()`` is ``expected``:
+    missing, extra and reshaped tensors, one line each, in the model's order."""
+    problems = []
+    for key, tensor in expected.items():
+        if key not in found:
+            problems.append(f"{key} is missing from the checkpoint")
+        elif found[key].shape != tensor.shape:
+            problems.append(f"{key} is {list(found[key].shape)} in the checkpoint, {list(tensor.shape)} now")
+    return problems + [f"{key} is not in this model" for key in found if key not in expected]
+
+
+def config_changes(saved: dict, current: dict, prefixes: tuple[str, ...] = WEIGHT_KEYS) -> list[str]:
+    """``key=old in the checkpoint, new now`` for each dotted config key under ``prefixes`` whose value differs
+    between the checkpoint's run (``saved``) and this one."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in old.keys() | new.keys()
+                  if k.startswith(prefixes) and old.get(k, _UNSET) != new.get(k, _UNSET))
+    return [f"{k}={_shown(old, k)} in the checkpoint, {_shown(new, k)} now" for k in keys]
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """``{"model": {"embed_dim": 32}}`` as ``{"model.embed_dim": 32}``."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(flat: dict, key: str) -> str:
+    return json.dumps(flat[key]) if key in flat else "unset"

@@ -39,6 +39,7 @@ from dsalign.train.runtime import (
 )
 
 BEST_DIR = "best"
+CONFIG_FILE = "config.json"  # the run's validated config, rewritten by every (re)start
 
 
 @dataclass
@@ -89,6 +90,7 @@ def fit(config: RunConfig, make_task: Callable[[RunContext], TrainTask], resume:
     device = resolve_device(config)
     precision = resolve_precision(config, device)
     rank, world_size = init_distributed(config, device)
+    ds_config = deepspeed_config(config, world_size, precision)  # a bad DeepSpeed JSON stops here, before any work
     out_dir = Path(config.train.out_dir)
     ckpt_root = out_dir / "checkpoints"
     if rank == 0:
@@ -102,27 +104,24 @@ def fit(config: RunConfig, make_task: Callable[[RunContext], TrainTask], resume:
     try:
         torch.manual_seed(config.train.seed)
         task = make_task(RunContext(config, device, precision, rank, world_size, log, latest is not None))
-        return _run(config, task, latest, export_dir, device, precision, rank, world_size, log)
+        return _run(config, task, ds_config, latest, export_dir, device, precision, rank, world_size, log)
     finally:
         log.close()
 
 
-def _run(config: RunConfig, task: TrainTask, latest: Path | None, export_dir: str | Path | None,
-         device: torch.device, precision: str, rank: int, world_size: int, log: RunLogger) -> dict:
+def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | None,
+         export_dir: str | Path | None, device: torch.device, precision: str, rank: int, world_size: int,
+         log: RunLogger) -> dict:
     import deepspeed
 
     model = task.model
-    ds_config = deepspeed_config(config, world_size, precision)
     zero_stage = int(ds_config["zero_optimization"]["stage"])
     meta: dict = {}
     if latest is not None:
         meta = ckpt.read_meta(latest)
-        if meta["world_size"] != world_size or meta.get("zero_stage") != zero_stage:
-            raise ckpt.CheckpointError(
-                f"checkpoint {latest} was written by {meta['world_size']} rank(s) with ZeRO stage "
-                f"{meta.get('zero_stage')}; this run has {world_size} rank(s) and stage {zero_stage}")
+        _check_resumable(meta, latest, task.name, world_size, zero_stage)
         # Weights go in before the engine exists, so ZeRO's fp32 partitions are built from them.
-        model.load_state_dict(ckpt.load_file(latest, ckpt.MODEL_FILE))
+        model.load_state_dict(_checkpoint_weights(model, latest, config))
     engine, *_ = deepspeed.initialize(model=model.to(device), optimizer=build_optimizer(config, model),
                                       config=ds_config)
     if latest is not None:
@@ -132,7 +131,7 @@ def _run(config: RunConfig, task: TrainTask, latest: Path | None, export_dir: st
     t = config.train
     out_dir = Path(t.out_dir)
     if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     log.message(f"{task.name}: {world_size} rank(s) on {device}, ZeRO {zero_stage}, {precision}, global batch "
                 f"{t.batch_size * world_size}, "
                 + (f"resumed at step {start_step} from {latest}" if latest else "starting at step 0"))
@@ -155,8 +154,8 @@ def _run(config: RunConfig, task: TrainTask, latest: Path | None, export_dir: st
         state = {"optimizer": base_optimizer(engine).state_dict()}
         model_state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if rank == 0 else None
         ckpt.save_checkpoint(out_dir / "checkpoints", step, rank, world_size, state, model_state,
-                             {"zero_stage": zero_stage, "seed": t.seed, "select_key": task.select_key,
-                              "best": best if best > float("-inf") else None},
+                             {"task": task.name, "zero_stage": zero_stage, "seed": t.seed,
+                              "select_key": task.select_key, "best": best if best > float("-inf") else None},
                              t.keep_checkpoints, dist.barrier)
 
     global_batch = t.batch_size * world_size
@@ -213,3 +212,45 @@ def _run(config: RunConfig, task: TrainTask, latest: Path | None, export_dir: st
     dist.barrier()
     return {"step": step, "val": last_metrics, "best": best, "select_key": task.select_key, "rank": rank,
             "world_size": world_size}
+
+
+def _check_resumable(meta: dict, latest: Path, task_name: str, world_size: int, zero_stage: int) -> None:
+    """Refuse a checkpoint of another model (older checkpoints do not record it), world size or ZeRO stage."""
+    if meta.get("task", task_name) != task_name:
+        raise ckpt.CheckpointError(f"checkpoint {latest} is from a `train {meta['task']}` run, this is "
+                                   f"`train {task_name}`: use another train.out_dir")
+    if meta["world_size"] != world_size or meta.get("zero_stage") != zero_stage:
+        raise ckpt.CheckpointError(
+            f"checkpoint {latest} was written by {meta['world_size']} rank(s) with ZeRO stage "
+            f"{meta.get('zero_stage')}; this run has {world_size} rank(s) and stage {zero_stage}")
+
+
+def _checkpoint_weights(model: torch.nn.Module, latest: Path, config: RunConfig) -> dict:
+    """The checkpoint's weights once they fit ``model``. A misfit is nearly always a config change since the
+    checkpoint's run, so it is named key by key (from the run's saved config), else the first tensor that does
+    not fit: one line instead of torch's dump of every mismatching tensor."""
+    state = ckpt.load_file(latest, ckpt.MODEL_FILE)
+    mismatches = ckpt.state_mismatches(model.state_dict(), state)
+    if not mismatches:
+        return state
+    saved = _saved_config(Path(config.train.out_dir) / CONFIG_FILE)
+    changes = ckpt.config_changes(saved, config.to_dict()) if saved is not None else []
+    reason = f"the config changed since its run: {_summary(changes)}" if changes else \
+        f"its weights do not fit this model: {_summary(mismatches, shown=1)}"
+    raise ckpt.CheckpointError(f"cannot resume from {latest}: {reason}; use another train.out_dir "
+                               "(or the checkpoint's settings)")
+
+
+def _saved_config(path: Path) -> dict | None:
+    """The config a run folder's checkpoints were written with; None when it is missing or unreadable."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _summary(items: list[str], shown: int = 3) -> str:
+    """The first ``shown`` items and how many more there are, for a one-line message."""
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more

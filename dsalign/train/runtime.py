@@ -93,24 +93,13 @@ def resolve_precision(config: RunConfig, device: torch.device) -> str:
     return precision
 
 
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
 def deepspeed_config(config: RunConfig, world_size: int, precision: str) -> dict:
     """The DeepSpeed config: the optional JSON file, with batch sizes, clipping and precision from ours."""
-    ds: dict = {}
-    if config.distributed.deepspeed_config:
-        path = Path(config.distributed.deepspeed_config)
-        try:
-            ds = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"distributed.deepspeed_config: cannot read {path}: {exc}") from exc
-        if not isinstance(ds, dict):
-            raise ConfigError(f"distributed.deepspeed_config: {path} is not a JSON object")
-        for key in ("fp16", "bf16"):
-            if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
-                raise ConfigError(f"distributed.deepspeed_config: {path} enables '{key}'; use "
-                                  "distributed.precision=bf16 (autocast, fp32 master weights) instead")
-        if "optimizer" in ds or "scheduler" in ds:
-            raise ConfigError(f"distributed.deepspeed_config: {path} sets an optimizer/scheduler; the trainer "
-                              "passes a torch optimizer (set optim.* instead)")
+    ds = read_deepspeed_json(Path(config.distributed.deepspeed_config)) if config.distributed.deepspeed_config \
+        else {}
     zero = dict(ds.get("zero_optimization") or {})
     zero.setdefault("stage", config.distributed.zero_stage)
     ds.update({
@@ -126,6 +115,41 @@ def deepspeed_config(config: RunConfig, world_size: int, precision: str) -> dict
     # Autocast keeps fp32 master weights in the module, so checkpoints (and resume) stay exact.
     ds["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
     return ds
+
+
+def read_deepspeed_json(path: Path) -> dict:
+    """``distributed.deepspeed_config`` read and checked: what it may not set is refused here, in one line,
+    rather than deep inside DeepSpeed (or at the first checkpoint, for ZeRO 3)."""
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"distributed.deepspeed_config: cannot read {path}: {exc}") from exc
+    if not isinstance(ds, dict):
+        raise ConfigError(f"distributed.deepspeed_config: {path} is not a JSON object")
+    for key in ("fp16", "bf16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            raise ConfigError(f"distributed.deepspeed_config: {path} enables '{key}'; use "
+                              "distributed.precision=bf16 (autocast, fp32 master weights) instead")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"distributed.deepspeed_config: {path} sets an optimizer/scheduler; the trainer "
+                          "passes a torch optimizer (set optim.* instead)")
+    _check_zero_stage(ds.get("zero_optimization"), path)
+    return ds
+
+
+def _check_zero_stage(zero: object, path: Path) -> None:
+    """The JSON's stage wins over ``distributed.zero_stage``, so it gets the same range check: ZeRO 3 partitions
+    the weights themselves, which the checkpoints (whole model once, torch optimizer state per rank) cannot
+    save."""
+    if zero is None:
+        return
+    if not isinstance(zero, dict):
+        raise ConfigError(f"distributed.deepspeed_config: {path}: zero_optimization must be a JSON object, "
+                          f"got {zero!r}")
+    stage = zero.get("stage", SUPPORTED_ZERO_STAGES[0])
+    if type(stage) is not int or stage not in SUPPORTED_ZERO_STAGES:
+        raise ConfigError(f"distributed.deepspeed_config: {path}: zero_optimization.stage must be 0, 1 or 2 "
+                          f"(ZeRO 3 is not supported), got {stage!r}")
 
 
 def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
