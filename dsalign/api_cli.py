@@ -105,13 +105,32 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - dsalign.api.Model, import
 
 
 def _run_caption(args: argparse.Namespace) -> None:
+    """Caption every readable image; unreadable ones are named (in the JSON too) and make the exit status 2,
+    but do not cost the captions of the others."""
+    from dsalign.api import InputError, load_image
+
     model = _load(args)
-    captions = model.caption([str(p) for p in args.images], args.beam_size, args.max_len)
+    paths = [str(p) for p in args.images]
+    loaded: list = []  # per path: the image, or the InputError that names why it cannot be read
+    for path in paths:
+        try:
+            loaded.append(load_image(path))
+        except InputError as exc:
+            loaded.append(exc)
+    errors = [str(x) for x in loaded if isinstance(x, InputError)]
+    captions = iter(model.caption([x for x in loaded if not isinstance(x, InputError)], args.beam_size,
+                                  args.max_len))
+    results = [{"image": p, "error": str(x)} if isinstance(x, InputError) else {"image": p, "caption": next(captions)}
+               for p, x in zip(paths, loaded)]
     if args.json:
-        print(json.dumps([{"image": str(p), "caption": c} for p, c in zip(args.images, captions)], indent=2))
+        print(json.dumps(results, indent=2))
     else:
-        for path, text in zip(args.images, captions):
-            print(f"{path}\t{text}")
+        for result in results:
+            if "caption" in result:
+                print(f"{result['image']}\t{result['caption']}")
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(paths)} images unreadable, e.g. {errors[0]}" if len(errors) > 1
+                         else errors[0])
 
 
 def _run_describe(args: argparse.Namespace) -> None:

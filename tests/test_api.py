@@ -149,6 +149,13 @@ def test_commands(model_dir, scene, tmp_path, capsys):
     status, out, _ = _run("caption", str(path), str(path), "--bundle", str(model_dir), "--beam-size", "2",
                           "--device", "cpu", capsys=capsys)
     assert status == 0 and out.count(str(path)) == 2
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not a jpeg")
+    status, out, err = _run("caption", str(path), str(garbage), "--bundle", str(model_dir), "--beam-size", "2",
+                            "--device", "cpu", "--json", capsys=capsys)
+    results = json.loads(out)  # the readable image keeps its caption; the other is named, and the status says so
+    assert status == 2 and "garbage.jpg: not a readable image" in err and len(err.strip().splitlines()) == 1
+    assert "caption" in results[0] and "not a readable image" in results[1]["error"]
     status, out, _ = _run("describe", str(path), "--bundle", str(model_dir), "--out", str(tmp_path / "d.png"),
                           "--json", "--top-k", "2", "--device", "cpu", capsys=capsys)
     assert status == 0 and len(json.loads(out.split("describe:")[0])) <= 2
