@@ -27,8 +27,10 @@ from tqdm import tqdm
 from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
 from dsalign.data.manifest import load_manifest, write_manifest
 from dsalign.data.pipeline import SKIP_KEY, RawSample, ShardStream, decode_meta, usable_caption
+from dsalign.data.prepare import VOCAB_NAME
 from dsalign.data.shard_output import AtomicShard, finished_stats
 from dsalign.data.shards import iter_tar_samples
+from dsalign.hashing import file_sha256
 from dsalign.ops.score import word_region_similarity
 from dsalign.ops.viterbi import snippets, viterbi
 from dsalign.text import Vocabulary
@@ -426,6 +428,8 @@ def align_folder(model: Embedder, vocab: Vocabulary, features: str | Path, out: 
             skipped.update(stats.get("skipped", {}))
     result = {"kind": "snippets", "name": manifest.get("name"), "source": str(features),
               "feature_dim": manifest.get("feature_dim"), "feature_dtype": "float16", "settings": settings,
+              # the words are stored as text: a generator may train on them with any copy of this vocabulary
+              "vocab_sha256": file_sha256(features / VOCAB_NAME) if (features / VOCAB_NAME).is_file() else None,
               "resumed_shards": done,
               "splits": {split: {"shards": list(shards), **dict(totals), "skipped": dict(skipped)}}}
     write_manifest(out, result)

@@ -128,10 +128,13 @@ def test_a_folder_that_is_not_a_snippet_folder_is_refused(tiny_demo, tmp_path):
     moved = tmp_path / "moved"
     moved.mkdir()
     manifest["settings"]["features"] = str(tmp_path / "gone")
-    (moved / "manifest.json").write_text(json.dumps(manifest))
-    notes = []
-    assert load_snippet_manifest(str(moved), str(features), dim, vocab, notes.append)["kind"] == "snippets"
-    assert len(notes) == 1 and "cannot check the vocabulary" in notes[0]
+    notes: list[str] = []
+    for recorded, checked in ((manifest["vocab_sha256"], True), (None, False)):  # None: made before the hash
+        manifest["vocab_sha256"] = recorded
+        (moved / "manifest.json").write_text(json.dumps(manifest))
+        assert load_snippet_manifest(str(moved), str(features), dim, vocab, notes.append)["kind"] == "snippets"
+        assert len(notes) == (0 if checked else 1)  # the recorded hash of the vocabulary settles it
+    assert "cannot check the vocabulary" in notes[0]
 
 
 def test_caption_resume_into_an_alignment_run_is_refused(tiny_demo, tmp_path, capsys):

@@ -22,6 +22,7 @@ from dsalign.data.caption_pipeline import SnippetDecoder, WholeImageDecoder, col
 from dsalign.data.feature_pipeline import load_feature_manifest
 from dsalign.data.manifest import MANIFEST_NAME, load_manifest
 from dsalign.data.pipeline import ShardLoader, ShardStream
+from dsalign.data.prepare import VOCAB_NAME
 from dsalign.data.shards import iter_tar_samples, shard_paths
 from dsalign.eval.generation import (
     DecodeSettings,
@@ -29,6 +30,7 @@ from dsalign.eval.generation import (
     evaluate_region_descriptions,
     region_targets,
 )
+from dsalign.hashing import file_sha256
 from dsalign.models.generator import CaptionGenerator, GeneratorConfig, teacher_forced_loss
 from dsalign.text import Vocabulary
 from dsalign.train.align import feature_info, require_val_images
@@ -71,7 +73,7 @@ def caption_task(ctx: RunContext) -> TrainTask:
     assert isinstance(config, CaptionTrainConfig)
     d, t = config.data, config.train
     manifest = load_feature_manifest(d.features)
-    vocab = Vocabulary.load(Path(d.features) / "vocab.json")
+    vocab = Vocabulary.load(Path(d.features) / VOCAB_NAME)
     feature_dim = int(manifest["feature_dim"])
     m = config.model
     model = CaptionGenerator(GeneratorConfig(vocab_size=len(vocab), feature_dim=feature_dim, cell=m.cell,
@@ -138,6 +140,8 @@ def load_snippet_manifest(snippets: str, features: str, feature_dim: int, vocab:
         raise ConfigError(f"data.snippets {snippets} holds {manifest.get('feature_dim')}-d region vectors, "
                           f"data.features {features} {feature_dim}-d: make the snippets from data.features "
                           "with `dsalign align`")
+    if manifest.get("vocab_sha256") == file_sha256(Path(features) / VOCAB_NAME):
+        return manifest  # made from a copy of this very vocabulary, wherever its feature folder is now
     source = (manifest.get("settings") or {}).get("features")
     unknown = _unknown_words(Path(source), vocab) if source else None
     if unknown is None:
@@ -154,7 +158,7 @@ def _unknown_words(source: Path, vocab: Vocabulary) -> list[str] | None:
     """The words of ``source``'s vocabulary that ``vocab`` lacks (snippet words are stored as text and encoded
     with ``vocab``, so only missing words matter, not ids); None when ``source`` has no vocabulary any more
     (folders move: the snippets record the path they were made from)."""
-    path = source / "vocab.json"
+    path = source / VOCAB_NAME
     if not path.is_file():
         return None
     return [word for word in Vocabulary.load(path).itos if word not in vocab.stoi]
