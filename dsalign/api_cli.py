@@ -204,6 +204,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     settings = DecodeSettings(args.beam_size, args.max_len, args.length_penalty)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    for path in filter(None, (args.out, args.predictions)):  # a missing folder must not cost a whole evaluation
+        path.parent.mkdir(parents=True, exist_ok=True)
     result = evaluate_bundles(args.bundle, args.features, args.split, settings, metrics, args.limit, args.device,
                               bank_images=args.bank_images, bank_temperature=args.bank_temperature,
                               save_bank=args.save_bank)

@@ -150,10 +150,12 @@ def fit_image(image: Image.Image | np.ndarray | str | Path, max_side: int | None
 
 
 def _save(picture: Image.Image, out_png: str | Path | None) -> None:
+    """PNG, unless the name asks for another format PIL writes (``x.jpg``: JPEG bytes, not PNG ones)."""
     if out_png is not None:
         out = Path(out_png)
         out.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(out, format="PNG")
+        fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
+        (picture.convert("RGB") if fmt == "JPEG" else picture).save(out, format=fmt)
 
 
 def _tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour: Colour) -> None:

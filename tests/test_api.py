@@ -197,10 +197,10 @@ def test_eval_command_scores_the_predictions_it_writes(model_dir, tiny_demo, tmp
     features = tiny_demo[0] / "features"
     status, _, _ = _run("eval", "--bundle", str(model_dir), "--features", str(features), "--beam-size", "2",
                         "--metrics", "BLEU,CIDEr", "--out", str(tmp_path / "m.json"), "--predictions",
-                        str(tmp_path / "p.json"), capsys=capsys)
+                        str(tmp_path / "new" / "p.json"), capsys=capsys)
     assert status == 0
     result = json.loads((tmp_path / "m.json").read_text())
-    predictions = json.loads((tmp_path / "p.json").read_text())
+    predictions = json.loads((tmp_path / "new" / "p.json").read_text())  # its folder is made
     assert result["retrieval"]["images"] == 20 and result["regions"]["regions"] > 20
     assert len(predictions["captions"]) == 20 and set(result["settings"]) >= {"beam_size", "metrics"}
     references: dict[str, list[str]] = {}

@@ -109,6 +109,14 @@ def test_transparency_goes_onto_white_and_arrays_work() -> None:
     assert np.asarray(to_rgb(sixteen))[..., 0].tolist() == [[0, 64], [128, 255]]  # stretched to 8 bits
 
 
+def test_the_file_name_picks_the_format(tmp_path: Path) -> None:
+    """`describe --out x.jpg` must write JPEG bytes, not PNG ones under a .jpg name; unknown suffixes get PNG."""
+    image = Image.new("RGB", (100, 80), (255, 255, 255))
+    for name, fmt in (("r.jpg", "JPEG"), ("r.png", "PNG"), ("r.picture", "PNG")):
+        draw_regions(image, REGIONS, tmp_path / name)
+        assert Image.open(tmp_path / name).format == fmt
+
+
 def test_no_regions_draws_the_image_and_a_note() -> None:
     picture = draw_regions(Image.new("RGB", (100, 80), (0, 90, 0)), [])
     assert picture.size == (400, 320 + 2 * PAD + LINE)
