@@ -50,13 +50,17 @@ def retrieval_on_split(bundle: Bundle, features: str | Path, split: str = "test"
     temperatures beside the bundle for the Python API (:mod:`dsalign.retrieval_bank`).
     """
     from dsalign.eval.bank_norm import BankScores, bank_metrics, choose_temperatures
-    from dsalign.train.align import embed_split, retrieval_metrics, split_scores
+    from dsalign.train.align import TooFewCaptionsError, embed_split, retrieval_metrics, split_scores
 
     features, device = Path(features), torch.device(device)
 
     def embedded(name: str, limit: int | None = None) -> SplitEmbeddings:
-        return embed_split(bundle.model, _feature_loader(features, name), captions_per_image, device,
-                           max_images=limit)
+        try:
+            return embed_split(bundle.model, _feature_loader(features, name), captions_per_image, device,
+                               max_images=limit)
+        except TooFewCaptionsError as exc:
+            raise ValueError(f"retrieval on split {name!r} of {features}: {exc}; R@K needs {captions_per_image} "
+                             "captions per image") from exc
 
     pairs = embedded(split)
     sims = split_scores(pairs).cpu()

@@ -216,6 +216,16 @@ def test_eval_command_scores_the_predictions_it_writes(model_dir, tiny_demo, tmp
     assert len(training_captions(features)) == 600  # 120 training scenes x 5
 
 
+def test_retrieval_without_enough_captions_names_the_split(model_dir, tiny_demo):
+    from dsalign.bundle import load_alignment_bundle
+    from dsalign.evaluate import retrieval_on_split
+
+    bundle = load_alignment_bundle(model_dir / "alignment")
+    with pytest.raises(ValueError, match=r"retrieval on split 'test' of .*: no image of the split has 6 captions "
+                                         r"\(the most any image has: 5\); R@K needs 6"):
+        retrieval_on_split(bundle, tiny_demo[0] / "features", "test", captions_per_image=6)
+
+
 def test_two_bundles_of_one_kind_are_refused(model_dir, tiny_demo, tmp_path, capsys):
     import shutil
 
