@@ -319,3 +319,15 @@ def test_given_regions_without_boxes_are_counted_or_refused(tmp_path, extractor)
     with pytest.raises(ValueError, match="none of the 2 train images has boxes in the data; use --regions grid"):
         _run(none, tmp_path / "f2", extractor)
     assert not (tmp_path / "f2" / "manifest.json").exists()
+
+
+def test_a_corrupt_vocabulary_is_refused_before_any_work(tmp_path, images_dir, extractor):
+    """It is copied into the output only at the end: a corrupt one must not wait for every shard."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(images_dir, src)
+    (src / "vocab.json").write_text('["not", "a", "vocabulary"]')
+    with pytest.raises(ValueError, match="malformed vocabulary"):
+        _run(src, tmp_path / "out", extractor)
+    assert not list((tmp_path / "out").glob("**/*.tar"))

@@ -51,6 +51,7 @@ from dsalign.features.regions import (
     make_region_source,
     select_regions,
 )
+from dsalign.text import Vocabulary
 
 FEATURES_KIND = "features"
 FEATURE_SAMPLE_FORMAT = "dsalign-features/1"
@@ -428,6 +429,7 @@ def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureCon
         raise ValueError(f"{src} is already a feature folder; give the image data set written by `dsalign prepare`")
     if src.resolve() == out.resolve():
         raise ValueError("the output folder must differ from the input folder")
+    Vocabulary.load(src / source_manifest.get("vocab", "vocab.json"))  # copied at the end: check it before the work
     default_rank, default_world = dist_info()
     rank = default_rank if rank is None else rank
     world_size = default_world if world_size is None else world_size
