@@ -31,7 +31,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dsalign.bundle import Bundle, BundleError, bundles_by_role
-from dsalign.cli_args import range_error
 from dsalign.eval.generation import DecodeSettings, describe_vectors
 from dsalign.features.extract import FeatureConfig, FeatureExtractor, RegionFeatures
 from dsalign.features.regions import GivenRegions
@@ -40,6 +39,7 @@ from dsalign.ops.viterbi import snippets, viterbi
 from dsalign.retrieval_bank import RetrievalBank, load_bank
 from dsalign.snippet_align import WHOLE_IMAGE_PENALTY
 from dsalign.text import tokenize
+from dsalign.validation import range_error
 from dsalign.viz import ImageTooLarge, to_rgb
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -116,8 +116,18 @@ def _items(value: object, one: type | tuple[type, ...], what: str) -> list:
         raise InputError(f"expected {what} or a list of them, got {type(value).__name__}") from exc
 
 
+def _box_metas(boxes: Sequence[Sequence[Box]], n_images: int) -> list[dict]:
+    """Given boxes as extraction metadata; a count that does not match the images would be cut by ``zip``."""
+    if len(boxes) != n_images:
+        raise InputError(f"boxes: {len(boxes)} lists for {n_images} images (one list of boxes per image)")
+    try:
+        return [{"boxes": [[float(x) for x in box] for box in image_boxes]} for image_boxes in boxes]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"boxes: each box must be four numbers (x0, y0, x1, y1) ({exc})") from exc
+
+
 def _check(name: str, value: object, kind: type, minimum: float) -> None:
-    """The rule the command line applies to the same option (:func:`dsalign.cli_args.range_error`)."""
+    """The rule the command line applies to the same option (:func:`dsalign.validation.range_error`)."""
     problem = range_error(value, kind, minimum)
     if problem:
         raise InputError(f"{name}: {problem}, got {value!r}")
@@ -191,14 +201,16 @@ class Model:
 
     def region_features(self, images: Sequence[ImageInput] | ImageInput,
                         boxes: Sequence[Sequence[Box]] | None = None) -> list[RegionFeatures]:
-        """Region boxes (region 0 = whole image) and CNN features per image; ``boxes`` replaces the proposals.
+        """Region boxes (region 0 = whole image) and CNN features per image; ``boxes`` (one list per image, or
+        the list of a lone image) replaces the proposals.
 
         The last ``FEATURE_CACHE`` results are kept by pixel content and boxes, so captioning, describing and
         aligning the same image (as the report does) computes proposals and CNN features once.
         """
+        if boxes is not None and isinstance(images, _ONE_IMAGE):
+            boxes = [boxes]
         rgb = [load_image(image) for image in _items(images, _ONE_IMAGE, "an image")]
-        metas = [{} for _ in rgb] if boxes is None else \
-            [{"boxes": [list(map(float, b)) for b in image_boxes]} for image_boxes in boxes]
+        metas = [{} for _ in rgb] if boxes is None else _box_metas(boxes, len(rgb))
         keys = [(hashlib.sha1(image.tobytes()).hexdigest(), image.size, json.dumps(meta, sort_keys=True))
                 for image, meta in zip(rgb, metas)]
         first: dict[tuple, int] = {}  # one computation per distinct uncached image

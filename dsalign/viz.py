@@ -10,6 +10,7 @@ PIL only; text uses PIL's default (FreeType) font.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,13 +98,17 @@ class ImageTooLarge(ValueError):
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """The decoded image at ``path``; :class:`ImageTooLarge` ("image too large (196 MP)") past PIL's limit."""
+    """The decoded image at ``path``; :class:`ImageTooLarge` ("image too large (196 MP)") past PIL's pixel
+    limit (``Image.MAX_IMAGE_PIXELS``, where PIL only warns: the limit data preparation and feature extraction
+    apply too, see ``dsalign.data.images.decode_rgb``)."""
     try:
-        with Image.open(path) as opened:
-            return opened.copy()
-    except Image.DecompressionBombError as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                return opened.copy()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         pixels = re.search(r"\((\d+) pixels\)", str(exc))  # PIL's message is the only place holding the size
-        size = f"{int(pixels[1]) / 1e6:.0f} MP" if pixels else f"over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} MP"
+        size = f"{int(pixels[1]) / 1e6:.0f} MP" if pixels else f"over {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP"
         raise ImageTooLarge(f"image too large ({size})") from exc
 
 
@@ -150,12 +155,14 @@ def fit_image(image: Image.Image | np.ndarray | str | Path, max_side: int | None
 
 
 def _save(picture: Image.Image, out_png: str | Path | None) -> None:
-    """PNG, unless the name asks for another format PIL writes (``x.jpg``: JPEG bytes, not PNG ones)."""
+    """PNG, unless the name asks for another format PIL writes (``x.jpg``: JPEG bytes, not PNG ones; formats PIL
+    only reads, such as ``.psd``, get PNG)."""
     if out_png is not None:
         out = Path(out_png)
         out.parent.mkdir(parents=True, exist_ok=True)
         fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
-        (picture.convert("RGB") if fmt == "JPEG" else picture).save(out, format=fmt)
+        fmt = fmt if fmt in ("JPEG", "WEBP", "TIFF", "BMP", "GIF") else "PNG"  # those write RGB as it is
+        picture.convert("RGB").save(out, format=fmt)
 
 
 def _tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour: Colour) -> None:

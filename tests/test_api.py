@@ -309,6 +309,13 @@ def test_a_single_sentence_or_image_is_one_item(model, scene):
     assert len(model.embed_images(np.asarray(image))) == 1
     with pytest.raises(InputError, match="a sentence or a list of them"):
         model.embed_sentences(None)
+    box = (0.1, 0.1, 0.6, 0.6)
+    (lone,) = model.region_features(image, boxes=[box])  # a lone image's boxes need no extra list
+    assert len(lone.boxes) == 2 and lone.boxes[1] == pytest.approx(box, abs=1e-6)
+    with pytest.raises(InputError, match="boxes: 1 lists for 2 images"):
+        model.region_features([image, image], boxes=[[box]])
+    with pytest.raises(InputError, match="each box must be four numbers"):
+        model.region_features([image], boxes=[[0.5]])
 
 
 @pytest.mark.parametrize("call, message", [

@@ -105,3 +105,6 @@ def test_unreadable_backbone_weights_are_one_line(tmp_path, capsys):
 
     save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
     assert load_state_dict_file(tmp_path / "w.safetensors")["w"].tolist() == [1.0, 1.0]
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")  # the common mistake: the module, not its weights
+    with pytest.raises(ValueError, match=r"holds a pickled model object, not a state dict \(save model.state_dict"):
+        load_state_dict_file(tmp_path / "model.pt")

@@ -179,7 +179,7 @@ def test_masks_may_be_lists_or_arrays_and_d_may_be_zero():
 
 @pytest.mark.parametrize("kwargs", [{"block_images": 0}, {"block_sentences": -1}, {"block_images": 2.5}])
 def test_score_matrix_rejects_bad_block_sizes(kwargs):
-    with pytest.raises(ValueError, match="must be a positive int"):
+    with pytest.raises(ValueError, match="expected an integer >= 1"):
         score_matrix(torch.randn(2, 3, 4), None, torch.randn(3, 5, 4), None, **kwargs)
 
 

@@ -349,6 +349,20 @@ def test_too_few_val_captions_are_refused_before_training(tmp_path: Path, featur
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_val_caption_check_reads_past_images_with_fewer_captions() -> None:
+    """Validation skips images with fewer captions, so a first batch of such images must not refuse the run."""
+    from dsalign.train.align import check_val_captions
+
+    def batch(*counts: int) -> dict:
+        return {"caption_mask": torch.tensor([[i < c for i in range(5)] for c in counts])}
+
+    check_val_captions([batch(2, 2), {"skipped": 1}, batch(1, 5)], "val", 5)
+    with pytest.raises(ConfigError, match=r"no image has 5 captions \(at most 3\)"):
+        check_val_captions([batch(2, 2), batch(3, 1)], "val", 5)
+    with pytest.raises(ConfigError, match="has no usable image"):
+        check_val_captions([], "val", 5)
+
+
 def test_an_empty_or_missing_val_split_is_refused() -> None:
     from dsalign.train.align import require_val_images
 

@@ -135,6 +135,10 @@ def test_a_folder_that_is_not_a_snippet_folder_is_refused(tiny_demo, tmp_path):
         assert load_snippet_manifest(str(moved), str(features), dim, vocab, notes.append)["kind"] == "snippets"
         assert len(notes) == (0 if checked else 1)  # the recorded hash of the vocabulary settles it
     assert "cannot check the vocabulary" in notes[0]
+    manifest["vocab_sha256"] = "0" * 64  # another vocabulary, and its folder gone: refused, not waved through
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="another vocabulary than data.features"):
+        load_snippet_manifest(str(moved), str(features), dim, vocab, notes.append)
 
 
 def test_caption_resume_into_an_alignment_run_is_refused(tiny_demo, tmp_path, capsys):

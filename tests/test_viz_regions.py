@@ -112,7 +112,7 @@ def test_transparency_goes_onto_white_and_arrays_work() -> None:
 def test_the_file_name_picks_the_format(tmp_path: Path) -> None:
     """`describe --out x.jpg` must write JPEG bytes, not PNG ones under a .jpg name; unknown suffixes get PNG."""
     image = Image.new("RGB", (100, 80), (255, 255, 255))
-    for name, fmt in (("r.jpg", "JPEG"), ("r.png", "PNG"), ("r.picture", "PNG")):
+    for name, fmt in (("r.jpg", "JPEG"), ("r.png", "PNG"), ("r.picture", "PNG"), ("r.psd", "PNG"), ("r.xbm", "PNG")):
         draw_regions(image, REGIONS, tmp_path / name)
         assert Image.open(tmp_path / name).format == fmt
 

@@ -66,26 +66,27 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"weights file not found: {path}")
     state = _read_state(path)
-    if state is None:
-        raise ValueError(f"cannot read weights {path}: not a PyTorch/safetensors state dict (corrupt or truncated?)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict (save model.state_dict())")
     return state
 
 
-def _read_state(path: Path) -> object | None:
-    """What ``path`` holds as a torch file, else as a safetensors file; None when it is neither (torch and
-    safetensors raise many exception types for a corrupt or foreign file)."""
+def _read_state(path: Path) -> object:
+    """What ``path`` holds as a torch file, else as a safetensors file (torch and safetensors raise many
+    exception types for a corrupt or foreign file)."""
     from safetensors.torch import load_file
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as exc:  # noqa: BLE001
+        torch_error = str(exc)
     try:
         return load_file(str(path))
     except Exception:  # noqa: BLE001
-        return None
+        pass
+    if "Unsupported global" in torch_error:  # a whole pickled model (torch.save(model)), which may run code
+        raise ValueError(f"{path} holds a pickled model object, not a state dict (save model.state_dict())")
+    raise ValueError(f"cannot read weights {path}: not a PyTorch/safetensors state dict (corrupt or truncated?)")
 
 
 class _LiteTrunk(nn.Module):

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 
 from dsalign.ops.maxsim_grad import scatter_onehot
+from dsalign.validation import range_error
 
 BACKENDS = ("torch", "torch_chunked", "triton")
 ENV_VAR = "DSALIGN_SCORE_BACKEND"
@@ -231,8 +232,8 @@ def score_matrix(regions: torch.Tensor, region_mask: torch.Tensor | None, words:
     through an accelerator block by block. The float32 result stays on the device of ``regions``.
     """
     for name, size in (("block_images", block_images), ("block_sentences", block_sentences)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"score_matrix: {name} must be a positive int, got {size!r}")
+        if problem := range_error(size, int, 1):
+            raise ValueError(f"score_matrix: {name}: {problem}, got {size!r}")
     regions, region_mask, words, word_mask = _prepare(regions, region_mask, words, word_mask)
     target = torch.device(device) if device is not None else regions.device
     out = torch.empty(regions.shape[0], words.shape[0], dtype=_compute_dtype(regions.dtype),
@@ -263,11 +264,11 @@ def word_region_similarity(regions: torch.Tensor, region_mask: torch.Tensor | No
     """
     regions, region_mask, words, word_mask = _prepare(regions, region_mask, words, word_mask)
     idx = torch.as_tensor(pairs, dtype=torch.long, device=regions.device).reshape(-1, 2)
-    if idx.numel():  # negative indices would silently wrap to the last images / sentences
-        for column, (name, count) in enumerate((("image", regions.shape[0]), ("sentence", words.shape[0]))):
-            low, high = int(idx[:, column].min()), int(idx[:, column].max())
-            if low < 0 or high >= count:
-                raise ValueError(f"pairs: {name} index {low if low < 0 else high} is outside [0, {count})")
+    counts = torch.tensor([regions.shape[0], words.shape[0]], device=idx.device)
+    if ((idx < 0) | (idx >= counts)).any():  # one host sync; negative indices would silently wrap
+        row, column = map(int, torch.nonzero((idx < 0) | (idx >= counts))[0])
+        raise ValueError(f"pairs: {('image', 'sentence')[column]} index {int(idx[row, column])} is outside "
+                         f"[0, {int(counts[column])})")
     cdt = _compute_dtype(regions.dtype)
     vm, wm = region_mask[idx[:, 0]], word_mask[idx[:, 1]]
     sim = torch.bmm(words[idx[:, 1]].to(cdt), regions[idx[:, 0]].to(cdt).transpose(1, 2))

@@ -7,7 +7,7 @@ engine, resume, logging and checkpoints are the shared loop of :mod:`dsalign.tra
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import torch
 
 from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
 from dsalign.data.pipeline import ShardLoader, ShardStream
+from dsalign.data.prepare import VOCAB_NAME
 from dsalign.data.shards import shard_paths
 from dsalign.models.alignment import AlignmentConfig, AlignmentModel, init_word_embeddings
 from dsalign.ops.score import score_matrix
@@ -151,7 +152,7 @@ def alignment_task(ctx: RunContext) -> TrainTask:
     assert isinstance(config, TrainConfig)
     features = config.data.features
     manifest = load_feature_manifest(features)
-    vocab = Vocabulary.load(Path(features) / "vocab.json")
+    vocab = Vocabulary.load(Path(features) / VOCAB_NAME)
     feature_dim = int(manifest["feature_dim"])
     m = config.model
     model_config = AlignmentConfig(vocab_size=len(vocab), feature_dim=feature_dim, embed_dim=m.embed_dim,
@@ -184,11 +185,13 @@ def alignment_task(ctx: RunContext) -> TrainTask:
 
     evaluate = None
     val_split, needed = config.data.val_split, config.data.captions_per_image
-    if val_split and t.eval_every > 0 and ctx.rank == 0:
-        require_val_images(manifest, features, val_split)
+    if val_split and t.eval_every > 0:
         val_stream = ShardStream(shard_paths(features, val_split), decoder, collate_features,
                                  config.data.val_batch_size, mode="eval", rank=0, world_size=1)
+        # every rank checks (cheap: the manifest and, normally, the first val batch), so all stop together
+        require_val_images(manifest, features, val_split)
         check_val_captions(val_stream, val_split, needed)
+    if val_split and t.eval_every > 0 and ctx.rank == 0:
         val_loader = ShardLoader(val_stream, num_workers=config.data.num_workers)
 
         def evaluate(module: torch.nn.Module, step: int) -> dict:
@@ -214,23 +217,26 @@ def require_val_images(manifest: dict, features: str | Path, split: str) -> None
                           "split, or null to train without validation")
 
 
-def check_val_captions(stream: ShardStream, split: str, needed: int) -> None:
-    """Validation scores the first ``needed`` captions of each image and fails when no image has that many; the
-    split's first batch shows it before training (a few samples, not the whole split)."""
-    batch = next((b for b in stream if "caption_mask" in b), None)
-    counts = batch["caption_mask"].sum(1).tolist() if batch is not None else []
-    if max(counts, default=0) < needed:
-        scope = f" among its first {len(counts)} images" if len(counts) == stream.batch_size else ""
-        raise caption_shortage(split, needed, max(counts, default=0), scope)
+def check_val_captions(batches: Iterable[dict], split: str, needed: int) -> None:
+    """Validation scores the images with at least ``needed`` captions (skipping the others) and fails when there
+    is none; read until the first such image (normally in the first batch), so a split without one is refused
+    before training instead of ``eval_every`` steps into it."""
+    most = 0
+    for batch in batches:
+        if "caption_mask" in batch:
+            most = max(most, int(batch["caption_mask"].sum(1).max()))
+            if most >= needed:
+                return
+    raise caption_shortage(split, needed, most)
 
 
-def caption_shortage(split: str, needed: int, most: int, scope: str = "") -> ConfigError:
+def caption_shortage(split: str, needed: int, most: int) -> ConfigError:
     """The one-line error for a validation split without ``needed`` captions per image: the split, the most
     captions found and the key to change."""
     if most == 0:
-        return ConfigError(f"data.val_split {split!r} has no usable image{scope}; set data.val_split to another "
+        return ConfigError(f"data.val_split {split!r} has no usable image; set data.val_split to another "
                            "split, or null to train without validation")
-    return ConfigError(f"data.val_split {split!r}: no image{scope} has {needed} captions (at most {most}); set "
+    return ConfigError(f"data.val_split {split!r}: no image has {needed} captions (at most {most}); set "
                        f"data.captions_per_image to {most} or less, or data.val_split to null")
 
 

@@ -104,9 +104,9 @@ def caption_task(ctx: RunContext) -> TrainTask:
 
     settings = DecodeSettings(config.decode.beam_size, config.decode.max_len, config.decode.length_penalty)
     evaluate, select_key = None, ""
-    validates = bool(d.val_split) and t.eval_every > 0 and ctx.rank == 0
-    if validates:
+    if d.val_split and t.eval_every > 0:  # on every rank, so that all stop together
         require_val_images(manifest, d.features, d.val_split)
+    validates = bool(d.val_split) and t.eval_every > 0 and ctx.rank == 0
     probe = region_targets(d.features, d.val_split, vocab, limit=50)[0] if validates and d.level == "region" else []
     if validates and d.level == "region" and not probe:
         ctx.log.message(f"caption: val split {d.val_split!r} has no ground-truth mention spans: no validation, "
@@ -144,6 +144,10 @@ def load_snippet_manifest(snippets: str, features: str, feature_dim: int, vocab:
         return manifest  # made from a copy of this very vocabulary, wherever its feature folder is now
     source = (manifest.get("settings") or {}).get("features")
     unknown = _unknown_words(Path(source), vocab) if source else None
+    if unknown is None and manifest.get("vocab_sha256"):  # recorded, and not this vocabulary's
+        raise ConfigError(f"data.snippets {snippets} was made from features with another vocabulary than "
+                          f"data.features {features} (vocab.json SHA-256 differs; its folder {source} is gone): "
+                          "make the snippets from data.features with `dsalign align`")
     if unknown is None:
         note(f"caption: cannot check the vocabulary of data.snippets {snippets}: the feature folder it records "
              f"({source}) has no vocab.json any more")

@@ -146,7 +146,9 @@ def _check_zero_stage(zero: object, path: Path) -> None:
     if not isinstance(zero, dict):
         raise ConfigError(f"distributed.deepspeed_config: {path}: zero_optimization must be a JSON object, "
                           f"got {zero!r}")
-    stage = zero.get("stage", SUPPORTED_ZERO_STAGES[0])
+    if "stage" not in zero:  # distributed.zero_stage applies, already range-checked with the config
+        return
+    stage = zero["stage"]
     if type(stage) is not int or stage not in SUPPORTED_ZERO_STAGES:
         raise ConfigError(f"distributed.deepspeed_config: {path}: zero_optimization.stage must be 0, 1 or 2 "
                           f"(ZeRO 3 is not supported), got {stage!r}")
