@@ -310,14 +310,16 @@ def _images_with_boxes(src: Path, with_boxes: list[bool]) -> Path:
     return src
 
 
-def test_given_regions_without_boxes_are_counted_or_refused(tmp_path, extractor):
+def test_given_regions_without_boxes_are_counted_or_refused(tmp_path, extractor, caplog):
     some = _run(_images_with_boxes(tmp_path / "some", [True, False, True]), tmp_path / "f1", extractor)
     assert some["splits"]["train"]["no_boxes"] == 1 and some["splits"]["train"]["images"] == 3
     assert "3 images, 15 captions, 1 shards, 1 without given boxes (whole image only)" in \
         features_cli.summary(some, tmp_path / "f1")
     none = _images_with_boxes(tmp_path / "none", [False, False])
+    assert "none of the" not in caplog.text  # shards with some boxes do not warn
     with pytest.raises(ValueError, match="none of the 2 train images has boxes in the data; use --regions grid"):
         _run(none, tmp_path / "f2", extractor)
+    assert caplog.text.count("--regions given: none of the 2 images of") == 1  # warned once, after its shard
     assert not (tmp_path / "f2" / "manifest.json").exists()
 
 

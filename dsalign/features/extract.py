@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -58,6 +59,8 @@ FEATURE_SAMPLE_FORMAT = "dsalign-features/1"
 POOLINGS = ("roi", "crop")
 BOX_GEOMETRY_DIMS = 4
 REGION_ORDER = "region 0 = whole image, then proposals by descending score (given: the data's order)"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -451,11 +454,16 @@ def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureCon
                  for split, info in source_manifest["splits"].items()}
     total = round(sum(per_shard[split] for split, _ in todo))
     desc = "features" if world_size == 1 else f"features rank {rank}/{world_size}"
+    warned = False
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
         for _, rel in todo:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             stats = ShardStats(input=rel, settings=settings)
             extractor.process_shard(str(src / rel), out / rel, stats, bar)
+            if stats.images and stats.no_boxes == stats.images and not warned:  # the end check may be hours away
+                log.warning("--regions given: none of the %d images of %s has boxes in the data (whole image "
+                            "only); a split without any is refused at the end", stats.images, rel)
+                warned = True
     if rank != 0:
         return None
     _wait_for([out / rel for _, rel in jobs], wait_timeout, poll_s)
