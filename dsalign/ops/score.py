@@ -265,8 +265,9 @@ def word_region_similarity(regions: torch.Tensor, region_mask: torch.Tensor | No
     regions, region_mask, words, word_mask = _prepare(regions, region_mask, words, word_mask)
     idx = torch.as_tensor(pairs, dtype=torch.long, device=regions.device).reshape(-1, 2)
     counts = torch.tensor([regions.shape[0], words.shape[0]], device=idx.device)
-    if ((idx < 0) | (idx >= counts)).any():  # one host sync; negative indices would silently wrap
-        row, column = map(int, torch.nonzero((idx < 0) | (idx >= counts))[0])
+    outside = (idx < 0) | (idx >= counts)
+    if outside.any():  # one host sync; negative indices would silently wrap
+        row, column = map(int, torch.nonzero(outside)[0])
         raise ValueError(f"pairs: {('image', 'sentence')[column]} index {int(idx[row, column])} is outside "
                          f"[0, {int(counts[column])})")
     cdt = _compute_dtype(regions.dtype)
