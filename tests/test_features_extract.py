@@ -219,8 +219,8 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, extractor):
     with tarfile.open(whole) as tar:  # cut the copy inside the first image: a shard truncated mid-download
         cut = tar.getmember("000000000.png").offset_data + 10
     (src / "train" / "train-000001.tar").write_bytes(whole.read_bytes()[:cut])
-    Vocabulary(["a"]).save(src / "vocab.json")
-    write_manifest(src, {"name": "bad", "vocab": "vocab.json", "vocab_size": 5, "splits": {"train": {
+    Vocabulary(["a"]).save(src / "words.json")  # a hand-made folder may name its vocabulary file otherwise
+    write_manifest(src, {"name": "bad", "vocab": "words.json", "vocab_size": 5, "splits": {"train": {
         "images": 4, "captions": 0, "shards": ["train/train-000000.tar", "train/train-000001.tar"], "skipped": {}}}})
 
     manifest = _run(src, tmp_path / "features", extractor)
@@ -234,6 +234,8 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, extractor):
                        ("train/train-000001.tar", None, "corrupt_shard")}
     assert manifest["splits"]["train"]["images"] == 1
     assert len(list(iter_tar_samples(tmp_path / "features" / "train" / "train-000001.tar"))) == 0
+    # the copy goes where the trainers read it
+    assert Vocabulary.load(tmp_path / "features" / "vocab.json").itos == Vocabulary(["a"]).itos
 
 
 def _feature_sample(features: np.ndarray, boxes: list) -> dict[str, bytes]:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from dsalign.data.images import decode_rgb
 from dsalign.data.manifest import MANIFEST_NAME, load_manifest, write_manifest
 from dsalign.data.pipeline import SampleError, decode_meta, dist_info, iter_shard
+from dsalign.data.prepare import VOCAB_NAME
 from dsalign.data.shard_output import STATS_SUFFIX, TMP_PREFIX, AtomicShard, finished_stats
 from dsalign.data.shards import ShardWriter, image_member
 from dsalign.features.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
@@ -432,7 +433,8 @@ def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureCon
         raise ValueError(f"{src} is already a feature folder; give the image data set written by `dsalign prepare`")
     if src.resolve() == out.resolve():
         raise ValueError("the output folder must differ from the input folder")
-    Vocabulary.load(src / source_manifest.get("vocab", "vocab.json"))  # copied at the end: check it before the work
+    vocab_path = src / source_manifest.get("vocab", VOCAB_NAME)
+    Vocabulary.load(vocab_path)  # copied at the end: checked before the work
     default_rank, default_world = dist_info()
     rank = default_rank if rank is None else rank
     world_size = default_world if world_size is None else world_size
@@ -467,15 +469,16 @@ def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureCon
     if rank != 0:
         return None
     _wait_for([out / rel for _, rel in jobs], wait_timeout, poll_s)
-    return _write_feature_manifest(src, out, source_manifest, jobs, settings)
+    return _write_feature_manifest(src, out, source_manifest, vocab_path, jobs, settings)
 
 
-def _write_feature_manifest(src: Path, out: Path, source_manifest: dict, jobs: list[tuple[str, str]],
-                            settings: dict) -> dict:
-    vocab_name = source_manifest.get("vocab", "vocab.json")
-    tmp = out / f"{TMP_PREFIX}{vocab_name}"
-    shutil.copyfile(src / vocab_name, tmp)
-    os.replace(tmp, out / vocab_name)
+def _write_feature_manifest(src: Path, out: Path, source_manifest: dict, vocab_path: Path,
+                            jobs: list[tuple[str, str]], settings: dict) -> dict:
+    """The feature folder's manifest, written once every shard is done; the vocabulary is copied under the
+    name the trainers read (whatever the source folder called it)."""
+    tmp = out / f"{TMP_PREFIX}{VOCAB_NAME}"
+    shutil.copyfile(vocab_path, tmp)
+    os.replace(tmp, out / VOCAB_NAME)
     splits: dict[str, dict] = {}
     skipped: list[dict] = []
     for split, rel in jobs:
@@ -497,7 +500,7 @@ def _write_feature_manifest(src: Path, out: Path, source_manifest: dict, jobs: l
         "kind": FEATURES_KIND,
         "name": source_manifest.get("name", src.name),
         "source": str(src.resolve()),
-        "vocab": vocab_name,
+        "vocab": VOCAB_NAME,
         "vocab_size": source_manifest.get("vocab_size"),
         "backbone": settings["backbone"],
         "feature_dim": settings["feature_dim"],
