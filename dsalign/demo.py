@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,6 @@ from dsalign.bundle import load_alignment_bundle, load_caption_bundle
 from dsalign.data.images import decode_rgb
 from dsalign.data.prepare import prepare_dataset
 from dsalign.data.shapes import generate_shapes
-from dsalign.data.shard_output import STATS_SUFFIX
 from dsalign.data.shards import image_member, iter_tar_samples, shard_paths
 from dsalign.eval.captions import SCORERS
 from dsalign.eval.generation import DecodeSettings, evaluate_full_captions, evaluate_region_descriptions
@@ -81,21 +79,6 @@ def _caption_config(features: Path, out_dir: Path, steps: int, seed: int, worker
                   "seed": seed, "log_every": max(1, steps // 10), "eval_every": max(1, steps // 3),
                   "checkpoint_every": max(1, steps // 3), "keep_checkpoints": 2},
     }
-
-
-def _made_by(snippets: Path, model_id: str) -> bool:
-    """Whether every snippet shard (finished or not) in ``snippets`` was aligned by the model ``model_id``: a
-    rerun over an earlier demo folder whose model has changed (more ``--steps``) must redo them, not stop."""
-    records = [*snippets.glob(f"**/*{STATS_SUFFIX}"), *snippets.glob("manifest.json")]
-    return all(_recorded_model(path) == model_id for path in records)
-
-
-def _recorded_model(record: Path) -> str | None:
-    """The model a snippet stats file or manifest names; None when it cannot be read (then redone too)."""
-    try:
-        return json.loads(record.read_text())["settings"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _train(kind: type[RunConfig], config: dict, export_dir: Path) -> dict:
@@ -171,10 +154,10 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
 
     tick = time.perf_counter()
     snippets = out / "snippets"
-    if not _made_by(snippets, bundle.weights_sha256):  # the demo owns its folder: an earlier model's are redone
-        shutil.rmtree(snippets)
-    align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train", resume=snippets.exists(),
-                 model_id=bundle.weights_sha256, progress=progress, whole_image=WHOLE_IMAGE)
+    # the demo owns its folder: snippets of an earlier model (a rerun with more --steps) are redone
+    align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train", resume=True,
+                 model_id=bundle.weights_sha256, progress=progress, whole_image=WHOLE_IMAGE,
+                 redo_other_settings=True)
     alignment = evaluate_shapes_alignment(bundle.model, bundle.vocab, features, BETA, split="test",
                                           whole_image=WHOLE_IMAGE)
     timings["align_s"] = time.perf_counter() - tick

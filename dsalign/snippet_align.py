@@ -389,11 +389,13 @@ def align_shard(model: Embedder, vocab: Vocabulary, url: str, out_path: Path, be
 def align_folder(model: Embedder, vocab: Vocabulary, features: str | Path, out: str | Path, beta: float,
                  split: str = "train", batch_size: int = 64, resume: bool = False,
                  device: torch.device | str = "cpu", model_id: str = "", progress: bool = True,
-                 whole_image: bool = True) -> dict:
+                 whole_image: bool = True, redo_other_settings: bool = False) -> dict:
     """Write one snippet shard per feature shard of ``split`` plus ``manifest.json``; returns the manifest.
 
     With ``resume`` finished shards made with the same settings (β, split, model) are kept and the rest
-    redone; finished shards with other settings stop the run. Without it a non-empty ``out`` is an error.
+    redone; finished shards with other settings stop the run, or with ``redo_other_settings`` (a caller that
+    owns ``out``, like the demo after more training) are redone too. Without ``resume`` a non-empty ``out`` is
+    an error.
     """
     features, out = Path(features), Path(out)
     manifest = load_feature_manifest(features)
@@ -414,6 +416,8 @@ def align_folder(model: Embedder, vocab: Vocabulary, features: str | Path, out: 
             out_path = out / rel
             out_path.parent.mkdir(parents=True, exist_ok=True)
             stats = finished_stats(out_path) if resume else None
+            if stats is not None and stats.get("settings") != settings and redo_other_settings:
+                stats = None
             if stats is not None and stats.get("settings") != settings:
                 changed = sorted(k for k in settings if stats.get("settings", {}).get(k) != settings[k])
                 raise ValueError(f"{out_path} was made with other settings ({', '.join(changed)}); "

@@ -35,20 +35,3 @@ def test_demo_writes_a_report_and_a_metrics_table(tiny_demo):
     table = (out / "metrics.md").read_text()
     for metric in ("R@1", "bank-normalised image->text", "word->object accuracy", "CIDEr", "exact phrase match"):
         assert metric in table
-
-
-def test_a_rerun_redoes_snippets_of_an_earlier_model(tiny_demo, tmp_path):
-    """Rerunning the demo over its folder after the model changed (more --steps) used to stop at the snippets
-    ("made with other settings (model)"); they are the demo's own, so they are redone."""
-    import shutil
-
-    from dsalign.demo import _made_by
-    from dsalign.hashing import file_sha256
-
-    snippets = tmp_path / "snippets"
-    shutil.copytree(tiny_demo[0] / "snippets", snippets)
-    model = file_sha256(tiny_demo[0] / "model" / "alignment" / "weights.safetensors")
-    assert _made_by(snippets, model) and not _made_by(snippets, "another model")
-    next(snippets.glob("**/*.stats.json")).write_text("{not json")
-    assert not _made_by(snippets, model)
-    assert _made_by(tmp_path / "none yet", model)

@@ -191,6 +191,11 @@ def test_folder_round_trip_and_resume(tmp_path: Path, features: Path) -> None:
     assert not list((out / "train").glob(".tmp-*"))
     with pytest.raises(ValueError, match="beta"):
         align_folder(model, vocab, features, out, beta=1.0, resume=True, progress=False)
+    # A caller that owns the folder (the demo rerun after more training) has shards of other settings redone.
+    manifest = align_folder(model, vocab, features, out, beta=1.0, batch_size=2, resume=True, progress=False,
+                            redo_other_settings=True)
+    assert manifest["resumed_shards"] == 0 and manifest["settings"]["beta"] == 1.0
+    assert json.loads((out / "train/train-000000.tar.stats.json").read_text())["settings"]["beta"] == 1.0
 
 
 def test_cli_with_an_exported_bundle(tmp_path: Path, features: Path, capsys: pytest.CaptureFixture) -> None:
