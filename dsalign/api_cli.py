@@ -110,6 +110,7 @@ def _run_caption(args: argparse.Namespace) -> None:
     from dsalign.api import InputError, load_image
 
     model = _load(args)
+    model.caption([], args.beam_size, args.max_len)  # no caption bundle, bad settings: said before any decoding
     paths = [str(p) for p in args.images]
     loaded: list = []  # per path: the image, or the InputError that names why it cannot be read
     for path in paths:

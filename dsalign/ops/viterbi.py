@@ -68,7 +68,9 @@ def viterbi(
     Maximises ``sum_j unary[b, j, a_j] + beta * #{j : a_j == a_{j+1}}`` over ``a_j in [0, n_regions[b])`` for
     the first ``n_words[b]`` words. ``beta`` trades word-level (0) against sentence-level (large) alignment;
     a negative ``beta`` penalises staying on a region. Exact ties go to the lowest region index, both for the
-    last word and for every backpointer, so results equal an O(N·M²) reference bit for bit.
+    last word and for every backpointer, so results equal an O(N·M²) reference bit for bit. NaN scores are not
+    refused (that would cost a device sync per call; loaded bundles are checked for non-finite weights): they
+    never win a comparison, and labels stay in ``[0, n_regions)`` whatever the values.
 
     Args:
         unary: ``[B, N, M]`` float32/float64 word-region scores (CPU or CUDA).
