@@ -130,7 +130,7 @@ def inspect(fn, pointers: dict, ints: dict, constexprs: dict, num_warps: int, nu
 def forward(config: tuple, store_argmax: bool) -> dict:
     bm, bn, bd, warps, stages, rows, tma, pad, *cap = config
     m, n = maxsim._tile_side(bm, R_P), maxsim._tile_side(bn, T_P)
-    pointers = {"V": "*bf16", "VM": "*u8", "W": "*bf16", "WM": "*u8", "S": "*fp32", "A": "*i8"}
+    pointers = {"V": "*bf16", "VM": "*u8", "VH": "*u8", "W": "*bf16", "WM": "*u8", "S": "*fp32", "A": "*i8"}
     constexprs = {"R_P": R_P, "T_P": T_P, "UPCAST": False, "PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
                   "BLOCK_D": bd, "WORDS_AS_ROWS": rows, "USE_TMA": tma, "PAD_REGIONS": pad,
                   "STORE_ARGMAX": store_argmax, "GROUP": 8}

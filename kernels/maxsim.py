@@ -97,7 +97,7 @@ def _region_rows(M: tl.constexpr, R, R_P: tl.constexpr, PAD_REGIONS: tl.constexp
 
 @triton.jit
 def _maxsim_fwd_kernel(
-    V, VM, W, WM, S, A, V_DESC, W_DESC,
+    V, VM, VH, W, WM, S, A, V_DESC, W_DESC,
     n_img, n_sent, R, T, D,
     s_vb, s_vr, s_vd, s_wb, s_wt, s_wd, s_sb, s_ss,
     R_P: tl.constexpr, T_P: tl.constexpr,
@@ -173,12 +173,12 @@ def _maxsim_fwd_kernel(
             best, arg = tl.max(tiled, axis=1, return_indices=True)  # [IPT, N]
         else:
             best = tl.max(tiled, axis=1)
-        has_region = tl.max(tl.reshape(real_r.to(tl.int32), (IPT, R_P)), axis=1) > 0
         i_local = tl.arange(0, IPT)
         if STORE_ARGMAX:
             k = pid_i * IPT + i_local
+            has_img = tl.load(VH + k, mask=k < n_img, other=0) != 0
             tl.store(A + (k.to(tl.int64)[:, None] * n_sent + snt[None, :]) * T + wrd[None, :],
-                     tl.where(real_w[None, :] & has_region[:, None], arg, -1).to(A.dtype.element_ty),
+                     tl.where(real_w[None, :] & has_img[:, None], arg, -1).to(A.dtype.element_ty),
                      mask=(k < n_img)[:, None] & col_ok[None, :])
     else:
         # Images packed R apart (no padding to a power of two): a masked max per image of the tile, gathered into
@@ -188,8 +188,6 @@ def _maxsim_fwd_kernel(
         IPT: tl.constexpr = 2 * M // R_P  # a power of two >= M // R, as R > R_P / 2
         GATHER: tl.constexpr = _gathers_maxima(M, N, R_P, T_P)
         i_local = tl.arange(0, IPT)
-        if GATHER:
-            has_region = tl.sum(((local_img[None, :] == i_local[:, None]) & real_r[None, :]).to(tl.int32), axis=1) > 0
         best = tl.full((IPT, N), float("-inf"), tl.float32)
         for j in range(0, tl.minimum(ipt, n_img - pid_i * ipt)):
             mine = local_img == j
@@ -197,7 +195,7 @@ def _maxsim_fwd_kernel(
                 mine[:, None], acc, float("-inf"))
             k = (pid_i * ipt + j).to(tl.int64)
             if STORE_ARGMAX or not GATHER:
-                has_j = tl.sum((mine & real_r).to(tl.int32), axis=0) > 0
+                has_j = tl.load(VH + k) != 0
             if STORE_ARGMAX:
                 best_j, arg = tl.max(masked, axis=1 if WORDS_AS_ROWS else 0, return_indices=True)
                 tl.store(A + (k * n_sent + snt) * T + wrd,
@@ -210,9 +208,12 @@ def _maxsim_fwd_kernel(
                 score = tl.sum(tl.where(member & has_j, best_j[None, :], 0.0), axis=1)
                 tl.store(S + k * s_sb + ts * s_ss, score.to(S.dtype.element_ty), mask=s_ok)
     if PAD_REGIONS or GATHER:  # S[image, sentence]: one sum over the words of the tile
-        score = tl.sum(tl.where(member[None, :, :] & has_region[:, None, None], best[:, None, :], 0.0), axis=2)
         k = pid_i * ipt + i_local
         k_ok = (i_local < ipt) & (k < n_img)
+        # read per image, not reduced from the tile's region mask (which triton 3.6 lays out replicated over
+        # the lanes of the sum below: twice the epilogue's instructions, and spills)
+        has_region = tl.load(VH + k, mask=k_ok, other=0) != 0
+        score = tl.sum(tl.where(member[None, :, :] & has_region[:, None, None], best[:, None, :], 0.0), axis=2)
         tl.store(S + k.to(tl.int64)[:, None] * s_sb + ts[None, :] * s_ss, score.to(S.dtype.element_ty),
                  mask=k_ok[:, None] & s_ok[None, :])
 
@@ -346,10 +347,11 @@ def interpreted() -> bool:
 # 25% of the matmul measured on an H200 -- and ~7.6k with words as rows. It now gathers the per-image maxima
 # into one [images, words] tensor and sums each sentence's words once per tile (8k and 4.5k issue cycles
 # without the argmax, which only training stores). Blocks that share an SM overlap one's epilogue with the
-# other's MMA: three 8-warp tiles cap registers at 128 per thread for that (packed regions as rows then compile
-# without spills when no argmax is stored; the padded one spills 50 B, and all three spill with the argmax), and
-# the 4-warp 128 x 64 tiles with words as rows get there at ~210-220 registers (their model: epilogue plus
-# main-loop issue about equal to the MMA time). benchmarks/kernel_code.py reports all of this per config.
+# other's MMA: three 8-warp tiles cap registers at 128 per thread for that (without the argmax, packed regions as
+# rows then spill nothing with triton 3.8 and ~50 B with 3.6, the padded one ~40 B; all three spill with the
+# argmax), and the 4-warp 128 x 64 tiles with words as rows get there at 130-210 registers (their model: epilogue
+# plus main-loop issue about equal to the MMA time). benchmarks/kernel_code.py reports all of this per config,
+# for the installed triton or another (docs/benchmarks.md has 3.8 and 3.6).
 FORWARD_SPACE = [  # ..., WORDS_AS_ROWS, USE_TMA, PAD_REGIONS
     (64, 64, 64, 4, 3, False, False, False), (64, 128, 64, 4, 4, False, False, False),
     (128, 64, 64, 4, 4, False, False, False), (128, 128, 64, 8, 3, False, False, False),
@@ -547,6 +549,7 @@ def _run_forward_kernel(regions: torch.Tensor, region_mask: torch.Tensor, words:
         return scores.zero_(), (argmax.fill_(-1) if return_argmax else None)
     vm = region_mask.to(torch.uint8).contiguous()
     wm = word_mask.to(torch.uint8).contiguous()
+    vh = vm.amax(1)  # per image: has a real region (else its pairs score 0)
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n_img, _per_tile(meta["BLOCK_M"], r_p, n_reg, meta.get("PAD_REGIONS", False)))
@@ -554,7 +557,7 @@ def _run_forward_kernel(regions: torch.Tensor, region_mask: torch.Tensor, words:
 
     regions, words, v_desc, w_desc = _tma_operands(regions, words, r_p, t_p)
     _fwd[grid](
-        regions, vm, words, wm, scores, argmax, v_desc, w_desc,
+        regions, vm, vh, words, wm, scores, argmax, v_desc, w_desc,
         n_img, n_sent, n_reg, n_wrd, dim,
         *regions.stride(), *words.stride(), *scores.stride(),
         R_P=r_p, T_P=t_p, STORE_ARGMAX=return_argmax, **_launch_flags(regions.dtype),
