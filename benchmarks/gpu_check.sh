@@ -7,7 +7,8 @@
 #   5. bench_decode.py --device cuda, then bench_train.py (bf16).
 # Everything lands in OUT_DIR (default benchmarks/out/gpu): gpu_check.log and the benchmark JSONs, which a
 # run stopped early still holds up to its last measured row. Assumes torch with CUDA, triton and pytest are
-# importable; deepspeed/webdataset/efficientnet wheels for bench_train may be installed beforehand.
+# importable; the wheels in .whl/ (benchmarks/gpu_wheels.sh: deepspeed, webdataset, the backbone, for
+# bench_train) are installed first into a folder on PYTHONPATH when present (carry .whl with the tree).
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     STEPS: comma list of env,tests,score,viterbi,decode,train
 # Limits: TESTS_LIMIT, SCORE_LIMIT, TRAIN_LIMIT (seconds); extra arguments: SCORE_ARGS, TRAIN_ARGS;
@@ -26,6 +27,11 @@ mkdir -p "$out"
 log="$out/gpu_check.log"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site=${TMPDIR:-/tmp}/dsalign-site
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+        >>"$log" 2>&1 && export PYTHONPATH="$PYTHONPATH:$site" || echo "=== wheels from .whl/ not installed" | tee -a "$log"
+fi
 # The source tree imports as installed: dsalign.kernels lives in kernels/ (setup.py's package_dir).
 [ -e dsalign/kernels ] || ln -s ../kernels dsalign/kernels
 
