@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -154,10 +155,13 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
 
     tick = time.perf_counter()
     snippets = out / "snippets"
-    # the demo owns its folder: snippets of an earlier model (a rerun with more --steps) are redone
-    align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train", resume=True,
-                 model_id=bundle.weights_sha256, progress=progress, whole_image=WHOLE_IMAGE,
-                 redo_other_settings=True)
+    # the demo owns its folder: snippets of an earlier model (a rerun with more --steps) are redone, and the
+    # region generator trained on them is then trained again
+    made = align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train", resume=True,
+                        model_id=bundle.weights_sha256, progress=progress, whole_image=WHOLE_IMAGE,
+                        redo_other_settings=True)
+    if made["resumed_shards"] < len(made["splits"]["train"]["shards"]):
+        shutil.rmtree(out / "caption_region", ignore_errors=True)
     alignment = evaluate_shapes_alignment(bundle.model, bundle.vocab, features, BETA, split="test",
                                           whole_image=WHOLE_IMAGE)
     timings["align_s"] = time.perf_counter() - tick

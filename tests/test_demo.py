@@ -35,3 +35,24 @@ def test_demo_writes_a_report_and_a_metrics_table(tiny_demo):
     table = (out / "metrics.md").read_text()
     for metric in ("R@1", "bank-normalised image->text", "word->object accuracy", "CIDEr", "exact phrase match"):
         assert metric in table
+
+
+def test_a_rerun_with_more_steps_redoes_the_snippets_and_the_region_generator(tiny_demo, tmp_path):
+    """Rerunning the demo over its folder after more alignment steps: the snippets come from the new model (not
+    a refusal, "made with other settings"), and the region generator trains again on them instead of resuming
+    the finished run that learnt from the old ones."""
+    import shutil
+
+    from dsalign.cli import main
+    from dsalign.hashing import file_sha256
+
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_demo[0], out)
+    assert main(["demo", "--out", str(out), "--n-train", "120", "--n-val", "20", "--n-test", "20",
+                 "--steps", "12", "--caption-steps", "10", "--report-images", "3", "--quiet"]) == 0
+    snippets = json.loads((out / "snippets" / "manifest.json").read_text())
+    assert snippets["settings"]["model"] == file_sha256(out / "model" / "alignment" / "weights.safetensors")
+    assert snippets["resumed_shards"] == 0
+    made = (out / "snippets" / "manifest.json").stat().st_mtime_ns
+    checkpoints = list((out / "caption_region" / "checkpoints").rglob("*"))
+    assert checkpoints and all(path.stat().st_mtime_ns > made for path in checkpoints)
