@@ -40,6 +40,7 @@ interpreter has no bf16 dot.
 """
 
 # No `from __future__ import annotations`: Triton reads the kernels' `tl.constexpr` annotations at runtime.
+import contextlib
 import os
 
 import torch
@@ -492,9 +493,21 @@ def _argmax_dtype(n_regions: int) -> torch.dtype:
     return torch.int16 if n_regions <= 32768 else torch.int32
 
 
+def _matmul_allows_tf32() -> bool:
+    """Whether torch's fp32 matmuls may use TF32. Read through ``fp32_precision`` (torch >= 2.9), which reflects
+    the legacy ``allow_tf32`` too: reading ``allow_tf32`` raises once the new API has set the precision."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # an older torch
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def _launch_flags(dtype: torch.dtype) -> dict:
     """Interpreter upcast and fp32 dot precision (tf32 only when torch's matmul would use it too)."""
-    fp32_exact = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    fp32_exact = dtype == torch.float32 and not _matmul_allows_tf32()
     return {
         "UPCAST": interpreted() and dtype != torch.float32,
         "PRECISION": "ieee" if fp32_exact else "tf32",
@@ -556,13 +569,21 @@ def _run_forward_kernel(regions: torch.Tensor, region_mask: torch.Tensor, words:
                 * triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p, n_wrd)),)
 
     regions, words, v_desc, w_desc = _tma_operands(regions, words, r_p, t_p)
-    _fwd[grid](
-        regions, vm, vh, words, wm, scores, argmax, v_desc, w_desc,
-        n_img, n_sent, n_reg, n_wrd, dim,
-        *regions.stride(), *words.stride(), *scores.stride(),
-        R_P=r_p, T_P=t_p, STORE_ARGMAX=return_argmax, **_launch_flags(regions.dtype),
-    )
+    with _launch_device(regions):
+        _fwd[grid](
+            regions, vm, vh, words, wm, scores, argmax, v_desc, w_desc,
+            n_img, n_sent, n_reg, n_wrd, dim,
+            *regions.stride(), *words.stride(), *scores.stride(),
+            R_P=r_p, T_P=t_p, STORE_ARGMAX=return_argmax, **_launch_flags(regions.dtype),
+        )
     return scores, (argmax if return_argmax else None)
+
+
+def _launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the inputs' own, or a model on cuda:1 in a process
+    whose current device is 0 (inference with ``device="cuda:1"``) would run the kernels on GPU 0 with pointers
+    into GPU 1."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _mark_non_finite(scores: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor,
@@ -595,25 +616,29 @@ def maxsim_backward(regions: torch.Tensor, words: torch.Tensor, grad_scores: tor
     # dL/dS laid out like the argmax, in the operand dtype: the kernels then read both with contiguous
     # (vector) loads along the words instead of one scalar dL/dS per word.
     coef = grad_scores.to(regions.dtype)[:, :, None].expand(n_img, n_sent, n_wrd).contiguous()
-    if need_regions:
-        def dv_grid(meta: dict) -> tuple[int, int]:
-            images = _per_tile(meta["BLOCK_M"], r_p, n_reg, meta.get("PAD_REGIONS", False))
-            return triton.cdiv(n_img, images), triton.cdiv(dim, meta["BLOCK_D"])
 
-        _bwd_dv[dv_grid](
-            words, coef, argmax, grad_v,
-            n_img, n_sent, n_reg, n_wrd, dim,
-            *words.stride(), *grad_v.stride(),
-            R_P=r_p, T_P=t_p, **flags,
-        )
-    if need_words:
-        _bwd_dw[lambda meta: (triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p, n_wrd)),
-                              triton.cdiv(dim, meta["BLOCK_D"]))](
-            regions, coef, argmax, grad_w,
-            n_img, n_sent, n_reg, n_wrd, dim,
-            *regions.stride(), *grad_w.stride(),
-            R_P=r_p, T_P=t_p, **flags,
-        )
+    def dv_grid(meta: dict) -> tuple[int, int]:
+        images = _per_tile(meta["BLOCK_M"], r_p, n_reg, meta.get("PAD_REGIONS", False))
+        return triton.cdiv(n_img, images), triton.cdiv(dim, meta["BLOCK_D"])
+
+    def dw_grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(n_sent, _per_tile(meta["BLOCK_N"], t_p, n_wrd)), triton.cdiv(dim, meta["BLOCK_D"])
+
+    with _launch_device(regions):
+        if need_regions:
+            _bwd_dv[dv_grid](
+                words, coef, argmax, grad_v,
+                n_img, n_sent, n_reg, n_wrd, dim,
+                *words.stride(), *grad_v.stride(),
+                R_P=r_p, T_P=t_p, **flags,
+            )
+        if need_words:
+            _bwd_dw[dw_grid](
+                regions, coef, argmax, grad_w,
+                n_img, n_sent, n_reg, n_wrd, dim,
+                *regions.stride(), *grad_w.stride(),
+                R_P=r_p, T_P=t_p, **flags,
+            )
     return grad_v, grad_w
 
 

@@ -196,12 +196,17 @@ def test_default_backend_by_device(monkeypatch):
     monkeypatch.delenv("DSALIGN_SCORE_BACKEND", raising=False)
     assert resolve_backend(None, torch.device("cpu")) == "torch_chunked"
     monkeypatch.setattr(score_mod, "_triton_importable", lambda: True)
+    capability = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert resolve_backend(None, torch.device("cuda"), torch.bfloat16) == "triton"
     assert resolve_backend(None, torch.device("cuda"), torch.float16) == "triton"
     # exact fp32 on the FMA units measured 3x slower than cuBLAS blocks; float64 has no kernel
     assert resolve_backend(None, torch.device("cuda"), torch.float32) == "torch_chunked"
     assert resolve_backend(None, torch.device("cuda"), torch.float64) == "torch_chunked"
     assert resolve_backend("triton", torch.device("cuda"), torch.float32) == "triton"
+    capability = (7, 5)  # a T4: no bf16 tensor cores, and the kernel's tiles assume sm_80+
+    assert resolve_backend(None, torch.device("cuda"), torch.bfloat16) == "torch_chunked"
+    capability = (8, 0)
     monkeypatch.setattr(score_mod, "_triton_importable", lambda: False)
     assert resolve_backend(None, torch.device("cuda"), torch.bfloat16) == "torch_chunked"
 

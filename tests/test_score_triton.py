@@ -156,6 +156,23 @@ def test_overflowing_similarities_and_integer_masks():
     assert torch.equal(as_int, got)
 
 
+@pytest.mark.parametrize(("api", "value", "precision"), [("fp32_precision", "tf32", "tf32"),
+                                                         ("fp32_precision", "ieee", "ieee"),
+                                                         ("allow_tf32", True, "tf32"), ("allow_tf32", False, "ieee")])
+def test_fp32_dot_precision_follows_torch_matmul_setting(api, value, precision):
+    """TF32 set with torch's new API made the kernel's check of the legacy flag raise for every fp32 call."""
+    from dsalign.kernels.maxsim import _launch_flags
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        setattr(matmul, api, value)
+        assert _launch_flags(torch.float32)["PRECISION"] == precision
+        assert _launch_flags(torch.bfloat16)["PRECISION"] == "tf32"  # 16-bit dots are never "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_empty_batch_and_argmax_dtypes():
     s, argmax = maxsim_forward(torch.zeros(0, 3, 16, device=DEVICE), torch.zeros(0, 3, dtype=torch.bool,
                                device=DEVICE), torch.zeros(2, 4, 16, device=DEVICE),

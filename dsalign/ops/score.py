@@ -91,7 +91,9 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     """Pick the backend: explicit argument > $DSALIGN_SCORE_BACKEND > device type."""
     name = backend or os.environ.get(ENV_VAR) or None
     if name is None:
-        if device.type == "cuda" and dtype in _TRITON_AUTO_DTYPES and _triton_importable():
+        # the kernel's tiles are tuned for sm_80+ (bf16 MMA, cp.async); older GPUs take the cuBLAS path
+        if (device.type == "cuda" and dtype in _TRITON_AUTO_DTYPES and _triton_importable()
+                and torch.cuda.get_device_capability(device) >= (8, 0)):
             return "triton"
         return "torch_chunked"
     if name not in BACKENDS:
