@@ -290,6 +290,37 @@ def test_zero2_resume_matches_an_uninterrupted_run(tmp_path: Path, features: Pat
             assert torch.equal(whole[key], parts[key]), key
 
 
+def test_bf16_autocast_training_under_zero2(tmp_path: Path, features: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 path (CUDA's default) on CPU autocast: cosine unit vectors reach the score op in bf16, gradients
+    are reduced in fp32 (no module in DeepSpeed's lower-precision list) and the checkpointed weights stay fp32."""
+    import deepspeed.runtime.engine
+    import torch.distributed as dist
+
+    import dsalign.train.distributed
+    import dsalign.train.loop
+    from dsalign.train.align import train_alignment
+
+    monkeypatch.setattr(dsalign.train.loop, "resolve_precision", lambda config, device: "bf16")
+    seen, low_precision_modules = set(), []
+    scored = dsalign.train.distributed.score
+    monkeypatch.setattr(dsalign.train.distributed, "score",
+                        lambda regions, *rest: seen.add(regions.dtype) or scored(regions, *rest))
+    autocast_params = deepspeed.runtime.engine.init_autocast_params
+    monkeypatch.setattr(deepspeed.runtime.engine, "init_autocast_params",
+                        lambda engine, dtype, modules: low_precision_modules.append(modules)
+                        or autocast_params(engine, dtype, modules))
+    path = _config(tmp_path, features, max_steps=4, eval_every=2)
+    config = load_config(path, ["distributed.zero_stage=2", "model.similarity=\"cosine\""])
+    try:
+        summary = train_alignment(config, echo=lambda _: None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert summary["step"] == 4 and seen == {torch.bfloat16} and low_precision_modules == [[]]
+    weights = load_file(tmp_path / "run" / "checkpoints" / "step_000000004", "model.pt")
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
+
+
 def test_learning_rate_schedule_reaches_the_optimizer_under_zero2(tmp_path: Path, features: Path) -> None:
     """A step schedule that drops the rate to 0 after 4 steps freezes the weights from then on (ZeRO 2 wraps
     the optimizer), and the log records the rate each step used."""
@@ -334,6 +365,42 @@ def test_deepspeed_json_zero_stage_is_range_checked(tmp_path: Path, zero: object
     with pytest.raises(ConfigError) as err:
         deepspeed_config(config, 1, "fp32")
     assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_device_of_a_run_without_launcher_and_deepspeeds_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run without a launcher on train.device cuda:1 told DeepSpeed LOCAL_RANK=0, which puts the model on
+    cuda:0 beside batches on cuda:1; and a CPU run on a GPU machine got DeepSpeed's CUDA accelerator."""
+    from types import SimpleNamespace
+
+    import deepspeed.accelerator
+
+    from dsalign.train import runtime
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    on_gpu1 = load_config_data({"data": {"features": "f"}, "train": {"device": "cuda:1"}})
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(runtime, "_own_world", True)  # LOCAL_RANK=0 left by this process's own earlier run
+    assert runtime.resolve_device(on_gpu1) == torch.device("cuda", 1)
+    monkeypatch.setattr(runtime, "_own_world", False)  # a launcher's LOCAL_RANK wins
+    assert runtime.resolve_device(on_gpu1) == torch.device("cuda", 0)
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: SimpleNamespace(device_name=lambda: "cuda"))
+    on_cpu = load_config_data({"data": {"features": "f"}, "train": {"device": "cpu"}})
+    with pytest.raises(ConfigError, match="train.device is cpu but DeepSpeed's accelerator in this process is cuda; "
+                                          "set DS_ACCELERATOR=cpu"):
+        runtime.init_distributed(on_cpu, runtime.resolve_device(on_cpu))
+
+
+@pytest.mark.parametrize(("capability", "precision"), [((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_only_where_gpus_have_it(monkeypatch: pytest.MonkeyPatch, capability: tuple,
+                                                        precision: str) -> None:
+    """V100s and T4s only emulate bf16 (slowly): "auto" trains them in fp32."""
+    from dsalign.train.runtime import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    config = load_config_data({"data": {"features": "f"}})
+    assert resolve_precision(config, torch.device("cuda", 0)) == precision
+    assert resolve_precision(config, torch.device("cpu")) == "fp32"
 
 
 def test_too_few_val_captions_are_refused_before_training(tmp_path: Path, features: Path,

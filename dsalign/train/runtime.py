@@ -39,8 +39,11 @@ def init_distributed(config: RunConfig, device: torch.device) -> tuple[int, int]
     Several runs may follow each other in one process (the demo, tests): a new process group after an earlier
     one was destroyed also needs DeepSpeed to forget the groups it cached from the old one.
     """
+    if device.type == "cpu" and torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's first import, or it takes the GPU
     import deepspeed
 
+    _check_accelerator(device)
     global _own_world
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=config.distributed.timeout_s)
@@ -48,7 +51,8 @@ def init_distributed(config: RunConfig, device: torch.device) -> tuple[int, int]
         _forget_deepspeed_groups()
     if "WORLD_SIZE" not in os.environ or _own_world:
         _own_world = True
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+        # DeepSpeed places the model on its accelerator's device LOCAL_RANK: the one train.device names
+        os.environ.update(RANK="0", LOCAL_RANK=str(device.index or 0), WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
         if not dist.is_initialized():
             # A world of one needs no rendezvous: an in-process store cannot lose a race for a TCP port.
@@ -58,6 +62,17 @@ def init_distributed(config: RunConfig, device: torch.device) -> tuple[int, int]
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _check_accelerator(device: torch.device) -> None:
+    """DeepSpeed moves the model to its own accelerator, chosen once per process: it must be train.device's kind
+    (a CPU run in a process where DeepSpeed already took the GPU would meet its batches on another device)."""
+    from deepspeed.accelerator import get_accelerator
+
+    kind = get_accelerator().device_name()
+    if kind != device.type:
+        raise ConfigError(f"train.device is {device} but DeepSpeed's accelerator in this process is {kind}; set "
+                          f"DS_ACCELERATOR={device.type} in the environment (or train in a new process)")
 
 
 def _forget_deepspeed_groups() -> None:
@@ -79,15 +94,16 @@ def resolve_device(config: RunConfig) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
+        launched = "LOCAL_RANK" in os.environ and not _own_world  # not the one this process set for itself
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if launched else device.index or 0)
         torch.cuda.set_device(device)
     return device
 
 
 def resolve_precision(config: RunConfig, device: torch.device) -> str:
     precision = config.distributed.precision
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "auto":  # bf16 where the tensor cores have it (sm_80+): emulated on older GPUs, and slow
+        return "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
     if precision == "bf16" and device.type != "cuda":
         raise ConfigError("distributed.precision bf16 needs a CUDA device (CPU training runs in fp32)")
     return precision
@@ -112,8 +128,10 @@ def deepspeed_config(config: RunConfig, world_size: int, precision: str) -> dict
         # ZeRO 1/2 refuse optimizers DeepSpeed did not write unless told; torch's are elementwise and safe.
         "zero_allow_untested_optimizer": True,
     })
-    # Autocast keeps fp32 master weights in the module, so checkpoints (and resume) stay exact.
-    ds["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
+    # Autocast keeps fp32 master weights in the module, so checkpoints (and resume) stay exact; no module's
+    # gradients are reduced in bf16 (DeepSpeed's default for Linear layers at ZeRO 1/2): every stage and rank
+    # count averages in fp32, like ZeRO 0, and the model is small enough that the bytes do not matter.
+    ds["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return ds
 
 
