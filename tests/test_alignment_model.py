@@ -82,6 +82,18 @@ def test_cosine_similarity_scores_unit_vectors() -> None:
         _model(similarity="l2")
 
 
+def test_cosine_vectors_keep_the_autocast_dtype(monkeypatch) -> None:
+    """CUDA autocast computes F.normalize's norm in fp32 and returned fp32 unit vectors, so a bf16 training run
+    scored them on the fp32 path instead of the bf16 Triton kernel. Simulated here: a normalize that answers in
+    fp32, as it does under CUDA autocast."""
+    model = _model(similarity="cosine").to(torch.bfloat16)
+    upcasting = F.normalize
+    monkeypatch.setattr(F, "normalize", lambda x, **kw: upcasting(x.float(), **kw))
+    v = model.encode_images(torch.randn(2, 3, 12, dtype=torch.bfloat16), torch.ones(2, 3, dtype=torch.bool))
+    s = model.encode_sentences(torch.tensor([[4, 5, 6]]), torch.ones(1, 3, dtype=torch.bool))
+    assert v.dtype == s.dtype == torch.bfloat16
+
+
 def test_left_padding_is_rejected() -> None:
     model = _model()
     with pytest.raises(ValueError, match="right-padded"):

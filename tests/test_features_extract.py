@@ -335,3 +335,14 @@ def test_a_corrupt_vocabulary_is_refused_before_any_work(tmp_path, images_dir, e
     with pytest.raises(ValueError, match="malformed vocabulary"):
         _run(src, tmp_path / "out", extractor)
     assert not list((tmp_path / "out").glob("**/*.tar"))
+
+
+def test_each_launched_process_takes_its_own_gpu(monkeypatch):
+    """`torchrun --nproc-per-node 4 ... features --device cuda` ran every rank's CNN on GPU 0."""
+    from dsalign.features.extract import process_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert process_device("cuda") == torch.device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device("cuda") == torch.device("cuda", 3)
+    assert process_device("cuda:1") == torch.device("cuda", 1) and process_device("cpu") == torch.device("cpu")

@@ -404,6 +404,15 @@ def _clear_features(out: Path) -> None:
             folder.rmdir()
 
 
+def process_device(device: str | torch.device) -> torch.device:
+    """``cuda`` without an index is this process's GPU: LOCAL_RANK's under a launcher (``torchrun
+    --nproc-per-node 4`` starts a process per GPU, each told only its LOCAL_RANK), else the current one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 def _wait_for(paths: list[Path], timeout: float | None, poll: float) -> None:
     start = time.monotonic()
     while True:
@@ -441,7 +450,8 @@ def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureCon
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     _prepare_output(out, resume, overwrite, world_size)
-    extractor = extractor or FeatureExtractor(config or FeatureConfig(), device, batch_size, workers=workers)
+    extractor = extractor or FeatureExtractor(config or FeatureConfig(), process_device(device), batch_size,
+                                              workers=workers)
     settings = extractor.settings()
 
     jobs = [(split, rel) for split, info in sorted(source_manifest["splits"].items()) for rel in info["shards"]]

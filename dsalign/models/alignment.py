@@ -129,8 +129,8 @@ class AlignmentModel(nn.Module):
         self.unit_vectors = config.similarity == "cosine"
 
     def _finish(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.unit_vectors:
-            x = F.normalize(x, dim=-1)
+        if self.unit_vectors:  # back to x's dtype: CUDA autocast computes the norm in fp32, and fp32 vectors
+            x = F.normalize(x, dim=-1).to(x.dtype)  # would take the score op off its bf16 Triton kernel
         return x * mask[:, :, None].to(x.dtype)
 
     def encode_images(self, regions: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:

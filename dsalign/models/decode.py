@@ -86,16 +86,20 @@ def beam_search(model: CaptionGenerator, features: torch.Tensor, beam_size: int 
 
 def _backtrack(history: list[tuple[torch.Tensor, torch.Tensor]], scores: torch.Tensor, lengths: torch.Tensor,
                alpha: float) -> list[Hypothesis]:
-    """Follow the source pointers back from each image's best final beam."""
-    best = (scores / _length_norm(lengths, alpha)).argmax(1)
+    """Follow the source pointers back from each image's best final beam (on the host: one copy of the history
+    instead of a device sync per word read)."""
+    best = (scores / _length_norm(lengths, alpha)).argmax(1).tolist()
+    sources = torch.stack([source for source, _ in history]).tolist()  # [step][image][beam]
+    chosen = torch.stack([word for _, word in history]).tolist()
+    final = scores.tolist()
     results = []
-    for image in range(scores.shape[0]):
-        beam, words = int(best[image]), []
-        for source, word in reversed(history):
-            words.append(int(word[image, beam]))
-            beam = int(source[image, beam])
+    for image, top in enumerate(best):
+        beam, words = top, []
+        for step in reversed(range(len(history))):
+            words.append(chosen[step][image][beam])
+            beam = sources[step][image][beam]
         tokens = [w for w in reversed(words) if w not in (Vocabulary.pad_id, Vocabulary.end_id)]
-        results.append(Hypothesis(tokens, float(scores[image, int(best[image])])))
+        results.append(Hypothesis(tokens, float(final[image][top])))
     return results
 
 
