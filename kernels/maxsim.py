@@ -443,8 +443,10 @@ def _prune_forward_configs(configs: list[triton.Config], named_args: dict, **kwa
 
 _PRUNE = {"early_config_prune": _prune_configs}
 # Batch sizes are part of the key: the best tile for a 64 x 64 check differs from a 4096 x 4096 batch, and a
-# training run sees only a few distinct sizes.
-_KEY = ["n_img", "n_sent", "R", "T", "D", "UPCAST", "PRECISION"]
+# training run sees only a few distinct sizes. Caption lengths are keyed by their power of two (T_P, which fixes
+# the tile shapes): a training batch is trimmed to its longest caption, and keying on T itself re-timed every
+# config for each new length, tens of times early in a run.
+_KEY = ["n_img", "n_sent", "R", "T_P", "D", "UPCAST", "PRECISION"]
 _fwd = triton.autotune(configs=_configs(FORWARD_SPACE, FORWARD_FLAGS), key=[*_KEY, "STORE_ARGMAX"],
                        prune_configs_by={"early_config_prune": _prune_forward_configs})(_maxsim_fwd_kernel)
 _bwd_dv = triton.autotune(configs=_configs(BACKWARD_SPACE, BACKWARD_FLAGS), key=_KEY, prune_configs_by=_PRUNE)(

@@ -251,6 +251,15 @@ def test_tma_only_where_descriptors_can_be_made(monkeypatch):
     assert regions.is_contiguous() and torch.equal(regions, strided) and v_desc.shape == [6, 8]
 
 
+def test_caption_lengths_of_one_power_of_two_share_their_tuning():
+    """Training trims each batch to its longest caption: keyed on T, the autotuner re-timed every config for
+    each new length; its key holds the padded length (which fixes the tiles), for all three kernels."""
+    from dsalign.kernels import maxsim
+
+    for tuner in (maxsim._fwd, maxsim._bwd_dv, maxsim._bwd_dw):
+        assert "T_P" in tuner.keys and "T" not in tuner.keys and "R" in tuner.keys
+
+
 def test_epilogue_fits_registers_for_any_region_and_word_count():
     """Tiny R and T pack hundreds of images x sentences into a tile: the padded-image forward configs, whose sum
     over words is one [images, sentences, words] reduction, are pruned there, and packed tiles sum per image
