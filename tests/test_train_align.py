@@ -321,6 +321,34 @@ def test_bf16_autocast_training_under_zero2(tmp_path: Path, features: Path, monk
     assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
 
 
+@pytest.mark.parametrize("checkpoint_every", [1, 3])
+def test_a_diverging_run_stops_before_saving_non_finite_weights(tmp_path: Path, features: Path,
+                                                                 checkpoint_every: int) -> None:
+    """A learning rate far too high: the run stops with one line naming the first step whose loss was not
+    finite, and no checkpoint holds the weights of that step or later (the loss is read on the host only at
+    steps that log, evaluate or save: here every step, or every third)."""
+    import torch.distributed as dist
+
+    from dsalign.train.align import train_alignment
+
+    path = _config(tmp_path, features, max_steps=12, eval_every=0, log_every=5, checkpoint_every=checkpoint_every,
+                   keep_checkpoints=20)
+    config = load_config(path, ["optim.lr=1e30", "optim.name=\"sgd\""])
+    try:
+        with pytest.raises(RuntimeError, match=r"^step \d+: the loss is not finite \((nan|inf)\); lower optim.lr$") \
+                as err:
+            train_alignment(config, echo=lambda _: None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    bad = int(err.value.args[0].split(":")[0].split()[1])
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert bad >= 2 and saved == [step for step in range(1, bad) if step % checkpoint_every == 0]
+    for step in saved:
+        weights = load_file(tmp_path / "run" / "checkpoints" / f"step_{step:09d}", "model.pt")
+        assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
 def test_learning_rate_schedule_reaches_the_optimizer_under_zero2(tmp_path: Path, features: Path) -> None:
     """A step schedule that drops the rate to 0 after 4 steps freezes the weights from then on (ZeRO 2 wraps
     the optimizer), and the log records the rate each step used."""

@@ -161,7 +161,14 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
     global_batch = t.batch_size * world_size
     step = start_step
     last_metrics: dict = {}
-    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+
+    def new_window() -> tuple[float, int, torch.Tensor]:
+        """(start, steps, summed loss): the loss stays on the device until a step that logs reads it, so that
+        steps in between need no host sync."""
+        return time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
+
+    window_start, window_steps, window_loss = new_window()
+    divergence = _DivergenceWatch(device)
     engine.train()
     while step < t.max_steps:
         epoch, done_in_epoch = divmod(step, t.batches_per_epoch)
@@ -180,20 +187,25 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
             total = local.detach().reshape(1).float()
             if world_size > 1:
                 dist.all_reduce(total)
-            if not torch.isfinite(total).all():
-                raise RuntimeError(f"step {step}: the loss is not finite ({float(total)}); lower optim.lr")
             window_steps += 1
-            window_loss += float(total)
-            if step % t.log_every == 0 or step == t.max_steps:
+            window_loss = window_loss + total[0]
+            divergence.see(step, total[0])
+            logs = step % t.log_every == 0 or step == t.max_steps
+            evaluates = bool(t.eval_every) and step % t.eval_every == 0
+            saves = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+            if logs or evaluates or saves:  # every rank holds the same all-reduced loss: all stop together
+                divergence.check()
+            if logs:
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * global_batch / max(elapsed, 1e-9)
-                values = {"loss": window_loss / window_steps, "samples_per_s": rate, "epoch": float(epoch), "lr": lr}
+                values = {"loss": float(window_loss) / window_steps, "samples_per_s": rate, "epoch": float(epoch),
+                          "lr": lr}
                 log.scalars(step, "train", values)
                 log.message(f"step {step} epoch {epoch} loss {values['loss']:.4f} {rate:.1f} samples/s")
-                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-            if t.eval_every and step % t.eval_every == 0:
+                window_start, window_steps, window_loss = new_window()
+            if evaluates:
                 last_metrics = evaluate(step)
-            if t.checkpoint_every and step % t.checkpoint_every == 0:
+            if saves:
                 save(step)
             if step >= t.max_steps:
                 break
@@ -212,6 +224,25 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
     dist.barrier()
     return {"step": step, "val": last_metrics, "best": best, "select_key": task.select_key, "rank": rank,
             "world_size": world_size}
+
+
+class _DivergenceWatch:
+    """The first step whose (all-reduced) loss was not finite, kept on the device: reading it is a host sync, so
+    the loop reads it only on steps that log, evaluate or save (non-finite weights are never saved)."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+
+    def see(self, step: int, loss: torch.Tensor) -> None:
+        first = (self.step < 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss, self.loss)
+
+    def check(self) -> None:
+        step = int(self.step)
+        if step >= 0:
+            raise RuntimeError(f"step {step}: the loss is not finite ({float(self.loss)}); lower optim.lr")
 
 
 def _check_resumable(meta: dict, latest: Path, task_name: str, world_size: int, zero_stage: int) -> None:
