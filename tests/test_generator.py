@@ -187,3 +187,21 @@ def test_loss_matches_cross_entropy_by_hand():
     expected = F.cross_entropy(logits, torch.tensor([4, 5, END]), reduction="sum")
     assert n == 3
     torch.testing.assert_close(total, expected)
+
+
+def test_lstm_memory_stays_fp32_under_bf16_autocast():
+    """Under bf16 autocast (CUDA training's default) the gates are bf16; the memory c, which adds up over every
+    step, is carried in fp32, and teacher forcing and beam search run through with it."""
+    model = _model("lstm")
+    features, inputs = torch.randn(3, 5), torch.tensor([[START, 5, 6, 4], [START, 4, 0, 0], [START, 6, 5, 0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        context = model.image_context(features)
+        state = model.initial_state(3, torch.device("cpu"), context.dtype)
+        _, state = model.step(inputs[:, 0], state, context)
+        _, state = model.step(inputs[:, 1], state)
+        logits = model(features, inputs, torch.tensor([4, 2, 3]))
+        hypotheses = beam_search(model, features, beam_size=3, max_len=6)
+    assert state[0].dtype == torch.bfloat16 and state[1].dtype == torch.float32
+    assert logits.shape == (9, 7) and torch.isfinite(logits.float()).all() and len(hypotheses) == 3
+    # the same predictions as in fp32 up to bf16 rounding of the gates and matmuls
+    torch.testing.assert_close(logits.float(), model(features, inputs, torch.tensor([4, 2, 3])), atol=0.3, rtol=0.05)

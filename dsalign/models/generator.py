@@ -90,15 +90,20 @@ class CaptionGenerator(nn.Module):
         return self.image_proj(self.dropout(features))
 
     def initial_state(self, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> State:
-        zeros = torch.zeros(n, self.config.hidden_dim, device=device, dtype=dtype)
-        return (zeros, zeros) if self.config.cell == "lstm" else (zeros,)
+        """Zeros: h in ``dtype`` (the gates' dtype: bf16 under autocast); the LSTM's memory c in fp32."""
+        h = torch.zeros(n, self.config.hidden_dim, device=device, dtype=dtype)
+        if self.config.cell == "rnn":
+            return (h,)
+        return h, torch.zeros(n, self.config.hidden_dim, device=device, dtype=torch.float32)
 
     def _cell(self, pre: torch.Tensor, state: State) -> State:
         if self.config.cell == "rnn":
             return (F.relu(pre),)
-        i, f, g, o = pre.chunk(4, dim=1)
+        # The memory c adds up over every step: kept in fp32 under bf16 autocast (8 mantissa bits would round
+        # away what a forget gate near 1 keeps); h goes back to the gates' dtype for the next matmuls.
+        i, f, g, o = pre.float().chunk(4, dim=1)
         c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        return (torch.sigmoid(o) * torch.tanh(c)).to(pre.dtype), c
 
     def step(self, words: torch.Tensor, state: State, context: torch.Tensor | None = None,
              input_pre: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
