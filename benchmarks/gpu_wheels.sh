@@ -3,7 +3,8 @@
 # that machine runs its own image's python3 (3.12, PyTorch + Triton, no network), so the training benchmark's
 # DeepSpeed, WebDataset and backbone travel with the working tree (~22 MB) and gpu_check.sh installs them first.
 # Versions are the ones this project's .venv holds (what the tests ran with); deepspeed is built here as a pure
-# wheel (DS_BUILD_OPS=0: nothing compiled; the benchmarks give it a torch optimizer).
+# wheel (DS_BUILD_OPS=0: nothing compiled; the benchmarks give it a torch optimizer). Its other needs (msgpack,
+# einops, psutil, py-cpuinfo, ninja, nvidia-ml-py) are in the H200 image (device tool's KINDS.md, 2026-11-17).
 #
 #     bash benchmarks/gpu_wheels.sh [OUT_DIR]      # default .whl; needs scripts/setup.sh's .venv and PyPI
 set -euo pipefail

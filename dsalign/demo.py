@@ -23,6 +23,7 @@ import torch
 from dsalign.api import load
 from dsalign.bundle import load_alignment_bundle, load_caption_bundle
 from dsalign.data.images import decode_rgb
+from dsalign.data.manifest import load_manifest
 from dsalign.data.prepare import prepare_dataset
 from dsalign.data.shapes import generate_shapes
 from dsalign.data.shards import image_member, iter_tar_samples, shard_paths
@@ -80,6 +81,14 @@ def _caption_config(features: Path, out_dir: Path, steps: int, seed: int, worker
                   "seed": seed, "log_every": max(1, steps // 10), "eval_every": max(1, steps // 3),
                   "checkpoint_every": max(1, steps // 3), "keep_checkpoints": 2},
     }
+
+
+def _snippets_model(folder: Path) -> str | None:
+    """The model a finished snippet folder was aligned with (its manifest's record), or None."""
+    try:
+        return load_manifest(folder)["settings"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _train(kind: type[RunConfig], config: dict, export_dir: Path) -> dict:
@@ -155,13 +164,12 @@ def _run_stages(out: Path, n_train: int, n_val: int, n_test: int, seed: int, ste
 
     tick = time.perf_counter()
     snippets = out / "snippets"
-    # the demo owns its folder: snippets of an earlier model (a rerun with more --steps) are redone, and the
-    # region generator trained on them is then trained again
-    made = align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train", resume=True,
-                        model_id=bundle.weights_sha256, progress=progress, whole_image=WHOLE_IMAGE,
-                        redo_other_settings=True)
-    if made["resumed_shards"] < len(made["splits"]["train"]["shards"]):
+    # The demo owns its folder: snippets of an earlier model (a rerun with more --steps) are redone, and the
+    # region generator trained on them is trained again (removed first: a kill mid-way then still retrains it).
+    if _snippets_model(snippets) != bundle.weights_sha256:
         shutil.rmtree(out / "caption_region", ignore_errors=True)
+    align_folder(bundle.model, bundle.vocab, features, snippets, BETA, split="train", resume=True,
+                 model_id=bundle.weights_sha256, progress=progress, whole_image=WHOLE_IMAGE, redo_other_settings=True)
     alignment = evaluate_shapes_alignment(bundle.model, bundle.vocab, features, BETA, split="test",
                                           whole_image=WHOLE_IMAGE)
     timings["align_s"] = time.perf_counter() - tick

@@ -48,6 +48,12 @@ def test_a_rerun_with_more_steps_redoes_the_snippets_and_the_region_generator(ti
 
     out = tmp_path / "demo"
     shutil.copytree(tiny_demo[0], out)
+    # The copy stands for the original folder: its snippet records name the copy's features (a moved feature
+    # folder is another setting, redone whatever the model), so that only the model differs on the rerun.
+    for record in [*(out / "snippets").rglob("*.stats.json"), out / "snippets" / "manifest.json"]:
+        data = json.loads(record.read_text())
+        data["settings"]["features"] = str((out / "features").resolve())
+        record.write_text(json.dumps(data))
     assert main(["demo", "--out", str(out), "--n-train", "120", "--n-val", "20", "--n-test", "20",
                  "--steps", "12", "--caption-steps", "10", "--report-images", "3", "--quiet"]) == 0
     snippets = json.loads((out / "snippets" / "manifest.json").read_text())

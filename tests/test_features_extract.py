@@ -344,5 +344,8 @@ def test_each_launched_process_takes_its_own_gpu(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert process_device("cuda") == torch.device("cuda")
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a world of one (a training run's own, in this process): no launcher
+    assert process_device("cuda") == torch.device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "4")
     assert process_device("cuda") == torch.device("cuda", 3)
     assert process_device("cuda:1") == torch.device("cuda", 1) and process_device("cpu") == torch.device("cpu")

@@ -43,8 +43,8 @@ def test_kernels_compile_for_sm90_lean_and_without_spills(tmp_path, other_triton
     assert other_triton is None or report["triton"] == "3.6.0"
     rows = report["rows"]
     assert len(rows) == 5
-    for row in rows:  # the register cap leaves a few values (<= 64 B, triton 3.6) to spill around the epilogue
-        spill_limit = 64 if row["config"][-1] == 128 else 0
+    for row in rows:  # with triton 3.6 the register cap leaves a few values (<= 64 B) to spill around the epilogue
+        spill_limit = 64 if other_triton is not None and row["config"][-1] == 128 else 0
         assert row["mma_in_main_loop"] and row["spill_bytes"] <= spill_limit and row["registers"] <= 255, row
     rows_pointer, words_tma, capped = rows[:3]
     # Epilogue instructions per tile (per warp) before the gathered word sums: 12.5k and 3.8k.

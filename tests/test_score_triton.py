@@ -164,13 +164,15 @@ def test_fp32_dot_precision_follows_torch_matmul_setting(api, value, precision):
     from dsalign.kernels.maxsim import _launch_flags
 
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
+    legacy, before = torch.get_float32_matmul_precision(), matmul.fp32_precision
     try:
         setattr(matmul, api, value)
         assert _launch_flags(torch.float32)["PRECISION"] == precision
         assert _launch_flags(torch.bfloat16)["PRECISION"] == "tf32"  # 16-bit dots are never "ieee"
-    finally:
+    finally:  # both APIs back: one alone leaves them mixed, and every later fp32 cuBLAS GEMM would raise
+        torch.set_float32_matmul_precision(legacy)
         matmul.fp32_precision = before
+    assert matmul.allow_tf32 == (legacy != "highest")  # readable again
 
 
 def test_empty_batch_and_argmax_dtypes():

@@ -198,6 +198,33 @@ def test_folder_round_trip_and_resume(tmp_path: Path, features: Path) -> None:
     assert json.loads((out / "train/train-000000.tar.stats.json").read_text())["settings"]["beta"] == 1.0
 
 
+def test_a_redo_killed_between_stats_and_tar_leaves_the_shard_unfinished(tmp_path: Path, features: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished shard redone in place (other settings): a kill after the new stats are written but before the
+    new tar replaces the old one used to leave the old snippets passing as made with the new settings."""
+    from dsalign.data import shard_output
+
+    out = tmp_path / "snip"
+    model, vocab = LookupModel(_vocab()), _vocab()
+    align_folder(model, vocab, features, out, beta=0.0, batch_size=2, progress=False)
+    rename = os.replace
+
+    def killed_at_the_tar(src: str | Path, dst: str | Path) -> None:
+        if str(dst).endswith(".tar"):
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(shard_output.os, "replace", killed_at_the_tar)
+    with pytest.raises(KeyboardInterrupt):
+        align_folder(model, vocab, features, out, beta=1.0, batch_size=2, resume=True, progress=False,
+                     redo_other_settings=True)
+    monkeypatch.undo()
+    assert shard_output.finished_stats(out / "train/train-000000.tar") is None
+    manifest = align_folder(model, vocab, features, out, beta=1.0, batch_size=2, resume=True, progress=False,
+                            redo_other_settings=True)
+    assert manifest["resumed_shards"] == 0 and manifest["splits"]["train"]["snippets"] == 48
+
+
 def test_cli_with_an_exported_bundle(tmp_path: Path, features: Path, capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(0)
     bundle = export_bundle(AlignmentModel(AlignmentConfig(len(_vocab()), 3, embed_dim=8, word_dim=8,

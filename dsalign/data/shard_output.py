@@ -2,7 +2,8 @@
 
 Each output is written into a temporary folder, its stats file is written next, and the tar is renamed into
 place last, so a killed run never leaves a shard that counts as finished; a finished shard is one whose tar
-and stats file both exist. Leftover temporaries of a killed run are removed before the shard is redone.
+and stats file both exist. Leftover temporaries of a killed run, and the earlier output of a shard being redone,
+are removed before the shard is written.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class AtomicShard:
     def __init__(self, out_path: Path):
         self.out_path = out_path
         remove_stale_temps(out_path)
+        # A shard redone over an earlier one (other settings, unreadable stats) is unfinished from here on:
+        # commit writes the new stats before the new tar, which must never meet the old tar.
+        out_path.unlink(missing_ok=True)
+        stats_path(out_path).unlink(missing_ok=True)
         self.tmp_dir = out_path.parent / f"{TMP_PREFIX}{out_path.name}-{os.getpid()}"
         self.tmp_dir.mkdir(parents=True)
         self.writer = ShardWriter(self.tmp_dir, "part", max_count=_UNLIMITED, max_bytes=_UNLIMITED)

@@ -405,10 +405,12 @@ def _clear_features(out: Path) -> None:
 
 
 def process_device(device: str | torch.device) -> torch.device:
-    """``cuda`` without an index is this process's GPU: LOCAL_RANK's under a launcher (``torchrun
-    --nproc-per-node 4`` starts a process per GPU, each told only its LOCAL_RANK), else the current one."""
+    """``cuda`` without an index is this process's GPU: LOCAL_RANK's among a launcher's several processes
+    (``torchrun --nproc-per-node 4`` tells each only its LOCAL_RANK and WORLD_SIZE), else the current one (a
+    world of one, such as the one a training run in this process set up for itself, keeps it)."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+    if (device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
