@@ -2,11 +2,15 @@
 
 In one run, on shapes features written to a temporary folder (given boxes + whole image, efficientnet-lite0 at
 128 px; the shapes images are drawn on the CPU, the CNN runs on the GPU when there is one):
-1. step breakdown (one process, the same model and loss as the trainer, no DeepSpeed): model forward, score +
-   Eq. 9 loss forward, their backward, model backward, optimizer step; the share of the step spent in
-   score + loss (forward and backward);
-2. samples/s of the real trainer (`dsalign train align`, DeepSpeed ZeRO 0) with 1 rank and with 2 ranks under
-   torchrun, read from its metrics.jsonl (the median over its logging windows after the first).
+1. step breakdown (one process, the same model and loss as the trainer, no DeepSpeed): reading the next batch
+   from the shards in this process (as the trainer does with data.num_workers 0: decoding, picking captions,
+   the copy to the device), model forward, score + Eq. 9 loss forward, their backward, model backward,
+   optimizer step; the share of the compute step spent in score + loss (forward and backward), and the
+   samples/s of compute alone (``samples_per_s``) and of data + compute in turn (``serial_samples_per_s``);
+2. samples/s of the real trainer (`dsalign train align`, DeepSpeed ZeRO 0) with 1 rank, once per
+   data.num_workers in --workers (0: batches read between steps; N: read ahead by N processes), and with
+   2 ranks under torchrun (0 workers), read from its metrics.jsonl (the median over its logging windows after
+   the first).
 
 On CPU: fp32, torch_chunked score, 2 ranks with gloo; writes benchmarks/results/train.json.
 
@@ -14,7 +18,7 @@ On a CUDA machine everything runs on GPU 0, as the trainer does with device and 
 breakdown puts model and batches on the GPU and runs the model forward under
 torch.autocast(cuda, bfloat16) with fp32 weights and fp32 Adam (the trainer's DeepSpeed "torch_autocast"
 config; the loss and backward run outside autocast, as they do there); it synchronises the GPU before every
-time mark and leaves the host-to-device copy of a batch out of the phases. The score backend it resolved
+time mark, and the batch's copy to the GPU (pinned, as the trainer's) counts as data. The score backend it resolved
 (dsalign.ops.score.resolve_backend: triton for bf16 on CUDA unless $DSALIGN_SCORE_BACKEND says otherwise) and
 the device/precision line the trainer logged are recorded. The 1-rank trainer runs on cuda:0 in bf16; the
 2-rank run (NCCL, one GPU per rank) needs 2 visible GPUs and is otherwise recorded as skipped with the reason.
@@ -23,7 +27,7 @@ Writes benchmarks/results/train_cuda.json, so the CPU results are not overwritte
 The JSON is rewritten after every phase, so a run cut short still leaves what it measured. A trainer run that
 fails (or exceeds --trainer-timeout) is recorded with the tail of its output and makes the exit status 1.
 
-    python benchmarks/bench_train.py [--steps 40] [--images 1000] [--trainer-steps N] [--out FILE]
+    python benchmarks/bench_train.py [--steps 40] [--images 1000] [--trainer-steps N] [--workers 0,2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from dsalign.train.distributed import alignment_loss
 
 MODEL = {"embed_dim": 256, "word_dim": 128, "hidden_dim": 256, "dropout": 0.1}
 BATCH = 100
+COMPUTE = ("model_fwd", "loss_fwd", "loss_bwd", "model_bwd", "optim")  # the phases of a step after its batch
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -86,8 +91,8 @@ def step_breakdown(features: Path, steps: int, device: torch.device) -> tuple[di
     model = AlignmentModel(AlignmentConfig(vocab_size=len(vocab), feature_dim=int(manifest["feature_dim"]), **MODEL))
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    stream = ShardStream(shard_paths(features, "train"), FeatureSampleDecoder(vocab), collate_features, BATCH,
-                         mode="train", batches_per_rank=steps + 5, rank=0, world_size=1)
+    stream = ShardStream(shard_paths(features, "train"), FeatureSampleDecoder(vocab, keep_fp16=True),
+                         collate_features, BATCH, mode="train", batches_per_rank=steps + 5, rank=0, world_size=1)
     # As the trainer on CUDA (DeepSpeed torch_autocast): bf16 autocast around the forward, fp32 weights.
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
 
@@ -96,13 +101,16 @@ def step_breakdown(features: Path, steps: int, device: torch.device) -> tuple[di
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    phases: dict[str, list[float]] = {k: [] for k in ("model_fwd", "loss_fwd", "loss_bwd", "model_bwd", "optim")}
+    phases: dict[str, list[float]] = {k: [] for k in ("data", *COMPUTE)}
     info: dict = {}
-    for i, batch in enumerate(ShardLoader(stream)):
-        tokens, token_mask = pick_captions(batch["tokens"], batch["token_mask"], batch["caption_mask"])
-        regions, region_mask = batch["regions"].to(device), batch["region_mask"].to(device)
-        tokens, token_mask = tokens.to(device), token_mask.to(device)
+    batches = iter(ShardLoader(stream, pin_memory=cuda))
+    for i in range(steps + 5):
         marks = [mark()]
+        batch = next(batches)
+        tokens, token_mask = pick_captions(batch["tokens"], batch["token_mask"], batch["caption_mask"])
+        regions, region_mask, tokens, token_mask = (
+            x.to(device, non_blocking=True) for x in (batch["regions"], batch["region_mask"], tokens, token_mask))
+        marks.append(mark())
         with autocast:
             v, s = model(regions, region_mask, tokens, token_mask)
         marks.append(mark())
@@ -126,8 +134,8 @@ def step_breakdown(features: Path, steps: int, device: torch.device) -> tuple[di
             for name, start, end in zip(phases, marks, marks[1:]):
                 phases[name].append(end - start)
     result = {name: statistics.median(values) for name, values in phases.items()}
-    step = sum(result.values())
-    result.update(step_s=step, samples_per_s=BATCH / step,
+    step = sum(result[name] for name in COMPUTE)
+    result.update(step_s=step, samples_per_s=BATCH / step, serial_samples_per_s=BATCH / (step + result["data"]),
                   score_loss_share=(result["loss_fwd"] + result["loss_bwd"]) / step)
     return result, info
 
@@ -161,15 +169,16 @@ def _run_quietly(command: list[str], env: dict, timeout: float | None) -> str:
 
 
 def trainer_rate(features: Path, root: Path, ranks: int, steps: int, timeout: float | None = None,
-                 run: dict | None = None) -> float:
-    """Median samples/s the trainer logs after its first logging window; ``run`` gets the device and precision
-    the trainer reported (its "N rank(s) on DEVICE, ZeRO z, PRECISION" line) and the wall time."""
-    out = root / f"run{ranks}"
-    config = {"data": {"features": str(features)}, "model": MODEL,
+                 run: dict | None = None, workers: int = 0) -> float:
+    """Median samples/s the trainer logs after its first logging window, reading with ``workers`` DataLoader
+    processes per rank; ``run`` gets the device and precision the trainer reported (its "N rank(s) on DEVICE,
+    ZeRO z, PRECISION" line) and the wall time."""
+    out = root / f"run{ranks}_{workers}"
+    config = {"data": {"features": str(features), "num_workers": workers}, "model": MODEL,
               "train": {"out_dir": str(out), "batch_size": BATCH // ranks, "batches_per_epoch": 20,
                         "max_steps": steps, "log_every": 10, "eval_every": 0, "checkpoint_every": 0,
                         "threads": 1 if ranks > 1 else None}}
-    path = root / f"config{ranks}.json"
+    path = root / f"config{ranks}_{workers}.json"
     path.write_text(json.dumps(config))
     launcher = [sys.executable, "-m", "dsalign.cli"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
@@ -204,12 +213,20 @@ def main() -> None:
                              "10 steps and the first window is dropped)")
     parser.add_argument("--trainer-timeout", type=float, default=None,
                         help="seconds before a trainer run is abandoned (recorded as failed); default none")
+    parser.add_argument("--workers", default="0,2",
+                        help="comma list of data.num_workers for the 1-rank trainer runs (default 0,2)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/train.json on CPU, train_cuda.json on CUDA)")
     args = parser.parse_args()
     trainer_steps = max(args.steps, 30) if args.trainer_steps is None else args.trainer_steps
     if trainer_steps < 20:
         parser.error("--trainer-steps must be >= 20")
+    try:
+        worker_counts = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        parser.error(f"--workers must be a comma list of integers, got {args.workers!r}")
+    if any(w < 0 for w in worker_counts):
+        parser.error("--workers must be >= 0")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     out = args.out or RESULTS / ("train_cuda.json" if cuda else "train.json")
@@ -235,19 +252,20 @@ def main() -> None:
             print(f"{key:>18}: {value:.4f}")
         print(f"{'precision':>18}: {how['precision']}; score backend {how['score_backend']}")
         save()
-        for n in (1, 2):
-            key = f"trainer_{n}rank_samples_per_s"
+        for n, workers in [(1, w) for w in worker_counts] + [(2, 0)]:
+            name = f"trainer_{n}rank" + (f"_{workers}workers" if workers else "")
+            key = f"{name}_samples_per_s"
             if cuda and n > torch.cuda.device_count():
                 result[key] = None
-                result[f"trainer_{n}rank_skipped"] = (
+                result[f"{name}_skipped"] = (
                     f"{n} ranks need {n} CUDA devices (NCCL cannot put two ranks on one GPU); "
                     f"found {torch.cuda.device_count()}")
-                print(f"{key:>34}: skipped ({result[f'trainer_{n}rank_skipped']})")
+                print(f"{key:>34}: skipped ({result[f'{name}_skipped']})")
                 save()
                 continue
             run: dict = {}
             try:
-                result[key] = trainer_rate(features, root, n, trainer_steps, args.trainer_timeout, run)
+                result[key] = trainer_rate(features, root, n, trainer_steps, args.trainer_timeout, run, workers)
                 print(f"{key:>34}: {result[key]:.1f}")
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
                 failed = True
@@ -255,9 +273,9 @@ def main() -> None:
                 reason = (f"timed out after {exc.timeout:.0f} s" if isinstance(exc, subprocess.TimeoutExpired)
                           else str(exc))
                 output = _tail(getattr(exc, "stderr", None)) or _tail(getattr(exc, "stdout", None))
-                result[f"trainer_{n}rank_error"] = {"reason": reason, "output_tail": output}
+                result[f"{name}_error"] = {"reason": reason, "output_tail": output}
                 print(f"{key:>34}: FAILED ({reason})\n{output}", file=sys.stderr)
-            result[f"trainer_{n}rank_run"] = run
+            result[f"{name}_run"] = run
             save()
     save()
     print(f"wrote {out}")

@@ -16,9 +16,10 @@
 # On an H200 (2026-11-30): tests ~2 min (with 13 forward and 8 backward configs; 25 and 13 now, and the tests
 # run the backward both as one-hot GEMMs and as the fused kernels), bench_score ~2 min per dtype (fp32's
 # B = 4096 rows take longest; a triton_fused_bwd row per size since), the Viterbi build ~1 min in the
-# background, bench_train ~30 s. With the larger search spaces, split a 15-minute device budget into two calls of <= 10 minutes, e.g.:
+# background, bench_train ~30 s (one trainer run then; one per --workers count now). With the larger search
+# spaces, split a 15-minute device budget into two calls of <= 10 minutes, e.g.:
 #   SCORE_ARGS="--dtypes bf16" bash benchmarks/gpu_check.sh "$OUT" env,tests,score
-#   TRAIN_AUTOTUNE=0 TRAIN_ARGS="--steps 20 --images 300 --trainer-steps 30 --trainer-timeout 60" \
+#   TRAIN_AUTOTUNE=0 TRAIN_ARGS="--steps 20 --images 300 --trainer-steps 30 --trainer-timeout 60 --workers 0,4" \
 #   bash benchmarks/gpu_check.sh "$OUT" viterbi,train
 set -u
 out=${1:-benchmarks/out/gpu}

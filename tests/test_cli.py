@@ -71,7 +71,12 @@ def test_invalid_flag_values_are_rejected_by_the_parser(capsys):
     assert "expected an integer >= 1, got '-3'" in capsys.readouterr().err
 
 
-def test_console_script_entry_point_runs():
+def test_console_script_entry_point_runs_without_importing_torchvision():
+    """Every command builds the whole parser; torchvision (with torch._dynamo) would add a second to each, and
+    to each rank of a launched run, so only the commands that pool regions or run detectors import it."""
+    code = "import sys; from dsalign.cli import build_parser; build_parser(); print('torchvision' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
     result = subprocess.run([sys.executable, "-m", "dsalign.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("dsalign ")
 

@@ -14,7 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
+from dsalign.data.feature_pipeline import (
+    FeatureSampleDecoder,
+    collate_features,
+    decode_feature_rows,
+    load_feature_manifest,
+)
 from dsalign.data.manifest import load_manifest, write_manifest
 from dsalign.data.pipeline import ShardLoader, ShardStream
 from dsalign.data.prepare import prepare_dataset
@@ -270,6 +275,18 @@ def test_feature_decoder_skips_bad_features(tmp_path):
     assert batch["keys"] == ["good"] and loader.skipped == {"bad_features": len(samples) - 1}
     assert batch["regions"].shape == (1, 2, 8) and batch["region_mask"].all()
     assert batch["tokens"].tolist() == [[[vocab.encode(["a"])[0], vocab.encode(["b"])[0]]]]
+
+
+def test_feature_rows_read_any_layout_numpy_writes() -> None:
+    """Hand-made shards may hold Fortran-ordered arrays, float16 or float32, or a single vector: the rows come
+    out as numpy saved them, read in place from the sample's bytes."""
+    rows = np.arange(24, dtype=np.float32).reshape(3, 8) / 7
+    for array, expected in [(np.asfortranarray(rows), rows), (rows.astype(np.float16), rows.astype(np.float16)),
+                            (rows[0], rows[:1])]:
+        raw = _feature_sample(array, [])
+        got = decode_feature_rows(raw, 8)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert not got.flags.writeable  # a view of the tar's bytes: decoders copy before handing out tensors
 
 
 def test_collate_pads_regions_and_masks():

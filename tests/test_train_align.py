@@ -486,6 +486,28 @@ def test_validation_without_enough_captions_names_the_split_and_key(tmp_path: Pa
         task.evaluate(task.model, 0)
 
 
+def test_training_batches_carry_the_stored_float16_and_train_as_float32(tmp_path: Path, features: Path) -> None:
+    """The trainer's batches keep the shards' float16 features (half the bytes through the data workers and to
+    the GPU, pinned there); the loss is the one of float32 batches, bit for bit (float16 -> float32 is exact)."""
+    from dsalign.train import align
+    from dsalign.train.loop import RunContext
+    from dsalign.train.runtime import RunLogger
+
+    config = load_config(_config(tmp_path, features))
+    log = RunLogger(tmp_path, False, print)
+    task = align.alignment_task(RunContext(config, torch.device("cpu"), "fp32", 0, 1, log, False))
+    batch = next(iter(task.loader))
+    assert batch["regions"].dtype == torch.float16 and not task.loader.pin_memory
+    model = task.model.eval()
+    losses = []
+    for regions in (batch["regions"], batch["regions"].float()):
+        torch.manual_seed(0)  # the same captions picked
+        losses.append(task.batch_loss(model, {**batch, "regions": regions}, 0))
+    assert losses[0].dtype == torch.float32 and torch.equal(losses[0], losses[1])
+    on_gpu = align.alignment_task(RunContext(config, torch.device("cuda", 0), "bf16", 0, 1, log, False))
+    assert on_gpu.loader.pin_memory
+
+
 def test_resume_after_a_model_change_names_the_changed_key(tmp_path: Path, features: Path) -> None:
     """--resume with another model.embed_dim used to print torch's state_dict dump, one line per tensor; now one
     line names the key (from the run's config.json), else the first tensor that does not fit."""

@@ -43,33 +43,41 @@ def load_feature_manifest(folder: str | Path) -> dict:
 
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 
-def _check_npy_size(data: bytes) -> None:
-    """ValueError unless ``data`` is a .npy file holding exactly the bytes its header promises: otherwise numpy
-    allocates whatever a corrupt header claims (terabytes: MemoryError) before it finds the data short, and an
-    .npz archive loads as an object without ``ndim``."""
+def read_npy(data: bytes) -> np.ndarray:
+    """The array a .npy file holds, as a read-only view of ``data`` (its header parsed once, nothing copied).
+
+    ValueError unless the file holds exactly the bytes its header promises, of a dtype without Python objects:
+    ``np.load`` would allocate whatever a corrupt header claims (terabytes: MemoryError) before it finds the
+    data short, and load an .npz archive as an object without ``ndim``.
+    """
     stream = io.BytesIO(data)
     version = np.lib.format.read_magic(stream)
     if version not in _NPY_HEADER_READERS:
         raise ValueError(f"unsupported .npy format version {version}")
-    shape, _, dtype = _NPY_HEADER_READERS[version](stream)
+    shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
+    if dtype.hasobject:
+        raise ValueError(f"dtype {dtype} holds Python objects")
     if dtype.itemsize * math.prod(shape) != len(data) - stream.tell():
         raise ValueError(f"header promises {dtype} {shape}, data holds {len(data) - stream.tell()} bytes")
+    flat = np.frombuffer(data, dtype, offset=stream.tell())
+    return flat.reshape(shape[::-1]).T if fortran_order else flat.reshape(shape)
 
 
 def decode_feature_rows(raw: RawSample, feature_dim: int | None) -> np.ndarray:
-    """The sample's float [R, F] feature rows (a single vector [F] is one row); SampleError when unusable."""
+    """The sample's float [R, F] feature rows (a single vector [F] is one row), a read-only view of the raw
+    bytes; SampleError when unusable."""
     if FEATURE_MEMBER not in raw:
         raise SampleError("bad_features", "no feature member")
     try:
-        _check_npy_size(raw[FEATURE_MEMBER])
-        array = np.load(io.BytesIO(raw[FEATURE_MEMBER]), allow_pickle=False)
+        array = read_npy(raw[FEATURE_MEMBER])
     except (ValueError, OSError, EOFError) as exc:
         raise SampleError("bad_features", str(exc)) from exc
     if array.ndim == 1:
         array = array[None]
-    if array.dtype not in (np.float16, np.float32) or array.ndim != 2 or array.shape[0] == 0:
+    if array.dtype not in FEATURE_DTYPES or array.ndim != 2 or array.shape[0] == 0:
         raise SampleError("bad_features", f"expected float [R, F], got {array.dtype} {array.shape}")
     if feature_dim is not None and array.shape[1] != feature_dim:
         raise SampleError("bad_features", f"feature size {array.shape[1]}, expected {feature_dim}")

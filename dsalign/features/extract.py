@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from dsalign.data.images import decode_rgb
@@ -161,6 +160,8 @@ class RegionFeaturizer:
     def __call__(self, images: torch.Tensor, boxes: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """``images`` uint8 [B, 3, S, S] from :meth:`to_input`; ``boxes[b]`` [R_b, 4] normalised →
         float32 [R_b, F] per image, on the CPU."""
+        from torchvision.ops import roi_align  # here: torchvision's import costs every CLI command a second
+
         images = images.to(self.device)
         counts = [len(b) for b in boxes]
         index = torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor(counts)).double().unsqueeze(1)

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.ops import box_iou, nms
 
 from dsalign.data.pipeline import SampleError
 from dsalign.features.backbones import load_state_dict_file
@@ -66,6 +65,8 @@ def select_regions(proposals: Proposals, top_k: int, min_side: float = 0.05, nms
     boxes, scores = boxes[keep], scores[keep]
     order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], -scores))
     ranked = np.concatenate([whole, boxes[order]])
+    from torchvision.ops import nms  # here: torchvision's import costs every CLI command a second
+
     # NMS sees strictly decreasing scores in our order, so its result is deterministic.
     rank_scores = torch.arange(len(ranked), 0, -1, dtype=torch.float32)
     kept = nms(torch.from_numpy(ranked).float(), rank_scores, nms_iou).sort().values.numpy()
@@ -210,6 +211,8 @@ class SelectiveSearch(RegionSource):
                           (rects[:, 0] + rects[:, 2]) / width, (rects[:, 1] + rects[:, 3]) / height], axis=1)
         if len(boxes) == 0:
             return Proposals(boxes, np.zeros(0))
+        from torchvision.ops import box_iou
+
         tensor = torch.from_numpy(boxes)
         support = (box_iou(tensor, tensor) >= _SUPPORT_IOU).sum(dim=1).double().numpy()
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

@@ -165,21 +165,25 @@ def alignment_task(ctx: RunContext) -> TrainTask:
         ctx.log.message(f"word vectors {m.word_vectors}: {coverage['found']}/{coverage['words']} vocabulary "
                         f"words ({100 * coverage['coverage']:.1f}%); the rest keep their random init")
     t = config.train
-    decoder = FeatureSampleDecoder(vocab, config.data.max_len, feature_dim)
+    # float16 as stored: half the bytes through the workers and to the GPU; the model casts to its weights' dtype
+    decoder = FeatureSampleDecoder(vocab, config.data.max_len, feature_dim, keep_fp16=True)
     stream = ShardStream(shard_paths(features, config.data.train_split), decoder, collate_features,
                          t.batch_size, mode="train", batches_per_rank=t.batches_per_epoch,
                          num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
                          seed=t.seed, rank=ctx.rank, world_size=ctx.world_size)
-    loader = ShardLoader(stream, num_workers=config.data.num_workers)
     device = ctx.device
+    # page-locked batches copy to the GPU without blocking the host
+    loader = ShardLoader(stream, num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
     scale = 1.0 / (t.batch_size * ctx.world_size) if config.loss.reduction == "mean" else 1.0
 
     loss = config.loss
 
     def batch_loss(engine: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
         tokens, token_mask = pick_captions(batch["tokens"], batch["token_mask"], batch["caption_mask"])
-        region_mask, token_mask = batch["region_mask"].to(device), token_mask.to(device)
-        v, s = engine(batch["regions"].to(device), region_mask, tokens.to(device), token_mask)
+        region_mask = batch["region_mask"].to(device, non_blocking=True)
+        token_mask = token_mask.to(device, non_blocking=True)
+        v, s = engine(batch["regions"].to(device, non_blocking=True), region_mask,
+                      tokens.to(device, non_blocking=True), token_mask)
         return alignment_loss(v, region_mask, s, token_mask, loss.margin, loss.hardest_at(step),
                               t.score_backend) * scale
 

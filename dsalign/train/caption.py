@@ -94,12 +94,13 @@ def caption_task(ctx: RunContext) -> TrainTask:
     stream = ShardStream(urls, decoder, collate_sentences, t.batch_size, mode="train",
                          batches_per_rank=t.batches_per_epoch, num_workers=d.num_workers,
                          shuffle_buffer=d.shuffle_buffer, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size)
-    loader = ShardLoader(stream, num_workers=d.num_workers)
     device, world_size = ctx.device, ctx.world_size
+    loader = ShardLoader(stream, num_workers=d.num_workers, pin_memory=device.type == "cuda")
 
     def batch_loss(engine: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
-        total, n = teacher_forced_loss(engine, batch["features"].to(device), batch["tokens"].to(device),
-                                       batch["token_mask"].to(device))
+        features, tokens, token_mask = (batch[k].to(device, non_blocking=True)
+                                        for k in ("features", "tokens", "token_mask"))
+        total, n = teacher_forced_loss(engine, features, tokens, token_mask)
         return total / max(n, 1) / world_size
 
     settings = DecodeSettings(config.decode.beam_size, config.decode.max_len, config.decode.length_penalty)

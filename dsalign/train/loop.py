@@ -135,6 +135,9 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
     log.message(f"{task.name}: {world_size} rank(s) on {device}, ZeRO {zero_stage}, {precision}, global batch "
                 f"{t.batch_size * world_size}, "
                 + (f"resumed at step {start_step} from {latest}" if latest else "starting at step 0"))
+    if device.type == "cuda" and task.loader.num_workers == 0:
+        log.message(f"{task.name}: data.num_workers is 0, so the GPU waits while each batch is read between steps; "
+                    "set data.num_workers to 2-8 (per rank) to read ahead in background processes")
 
     def evaluate(step: int) -> dict:
         nonlocal best
