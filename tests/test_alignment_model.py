@@ -94,10 +94,26 @@ def test_cosine_vectors_keep_the_autocast_dtype(monkeypatch) -> None:
     assert v.dtype == s.dtype == torch.bfloat16
 
 
-def test_left_padding_is_rejected() -> None:
-    model = _model()
-    with pytest.raises(ValueError, match="right-padded"):
-        model.encode_sentences(torch.ones(1, 3, dtype=torch.long), torch.tensor([[False, True, True]]))
+def test_padding_anywhere_is_skipped_without_a_right_padding_check() -> None:
+    """Left-padded or gapped masks read the real words in order (the model used to refuse them, with a host sync
+    per forward to find out): the vectors of right padding at the real words, bit for bit, zero elsewhere, and
+    the same gradients."""
+    model = _model().eval()
+    words = [5, 7, 9, 11]
+
+    def encode(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.full(mask.shape, 13)  # garbage in the padding must not matter
+        tokens[mask] = torch.tensor(words)
+        s = model.encode_sentences(tokens, mask)
+        return s, torch.autograd.grad(s.sum(), model.brnn.w_f.weight)[0]
+
+    s_right, grad_right = encode(torch.tensor([[True] * 4 + [False] * 3]))
+    torch.testing.assert_close(s_right[0, :4], _brnn_reference(model, words))
+    for pattern in ("0001111", "0110101"):
+        mask = torch.tensor([[c == "1" for c in pattern]])
+        s, grad = encode(mask)
+        assert torch.equal(s[mask], s_right[0, :4]) and (s[~mask] == 0).all()
+        torch.testing.assert_close(grad, grad_right)
 
 
 def test_region_projection_and_frozen_embeddings() -> None:

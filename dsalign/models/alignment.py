@@ -55,13 +55,14 @@ class AlignmentConfig(JsonConfig):
 
 
 
-def lengths_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Per-row count of real positions; the mask must be a prefix (right padding), as ``pad_captions`` makes."""
-    lengths = mask.sum(1)
-    prefix = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
-    if not torch.equal(prefix, mask.bool()):
-        raise ValueError("word masks must be right-padded (real words first, then padding)")
-    return lengths
+def real_words_first(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the positions of the real words in order, then those of the padding: [B, T] long.
+
+    The identity for right-padded masks (as ``pad_captions`` makes); for any other (left-padded, gapped) the
+    BRNN reads the words in this order, so padding anywhere is skipped. A check for right padding instead
+    would cost a host sync per forward on the GPU.
+    """
+    return torch.sort((~mask.bool()).to(torch.uint8), dim=1, stable=True).indices
 
 
 def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -95,8 +96,9 @@ class SentenceBRNN(nn.Module):
         self.word_relu = config.word_output == "relu"
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        lengths = lengths_from_mask(token_mask)
-        e = F.relu(self.w_e(self.dropout(self.embedding(tokens))))  # [B, T, H]
+        order = real_words_first(token_mask)  # the recurrences run on the real words moved to the front
+        lengths = token_mask.sum(1)
+        e = F.relu(self.w_e(self.dropout(self.embedding(tokens.gather(1, order)))))  # [B, T, H]
         e_both = torch.stack([e, reverse_within_length(e, lengths)])  # [2, B, T, H]: forward, backward order
         weight = torch.stack([self.w_f.weight.T, self.w_b.weight.T])  # [2, H, H]
         bias = torch.stack([self.w_f.bias, self.w_b.bias])[:, None, :]  # [2, 1, H]
@@ -107,6 +109,7 @@ class SentenceBRNN(nn.Module):
             outputs.append(hidden)
         h = torch.stack(outputs, dim=2)  # [2, B, T, H]
         both = h[0] + reverse_within_length(h[1], lengths)
+        both = torch.zeros_like(both).scatter(1, order[:, :, None].expand_as(both), both)  # back in place
         s = self.w_d(self.dropout(both))
         if self.word_relu:
             s = F.relu(s)
