@@ -30,7 +30,8 @@ class WholeImageDecoder:
     feature_dim: int | None = None
 
     def __post_init__(self) -> None:
-        self.inner = FeatureSampleDecoder(self.vocab, self.max_len, self.feature_dim)
+        # float16 as stored: only region 0 is kept, and collate_sentences converts it (exactly) to float32
+        self.inner = FeatureSampleDecoder(self.vocab, self.max_len, self.feature_dim, keep_fp16=True)
 
     def __call__(self, key: str, raw: RawSample) -> dict:
         sample = self.inner(key, raw)
