@@ -80,6 +80,29 @@ def test_training_stream_depends_on_epoch_and_rank_and_repeats_exactly(dataset):
     assert order(0, 0) != order(1, 0) and order(0, 0) != order(0, 1)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epochs_read_ahead_yield_the_batches_of_each_epoch_in_turn(dataset, workers):
+    """The trainer's ``epochs`` starts each epoch's workers while the previous epoch is read: the batches are
+    still exactly those of setting each epoch and reading it alone, from any first epoch (resume)."""
+    out, vocab, _ = dataset
+    urls = shard_paths(out, "train")
+
+    def loader():
+        stream = _stream(urls, vocab, "train", batches_per_rank=3, shuffle_buffer=6, num_workers=workers)
+        return ShardLoader(stream, num_workers=workers)
+
+    def alone(epoch):
+        single = loader()
+        single.stream.set_epoch(epoch)
+        return [b["image_ids"] for b in single]
+
+    epochs = loader().epochs(2)
+    for expected_epoch in (2, 3, 4):
+        epoch, batches = next(epochs)
+        assert epoch == expected_epoch and [b["image_ids"] for b in batches] == alone(epoch)
+    epochs.close()
+
+
 def test_corrupt_inputs_are_skipped_and_counted_exactly(tmp_path, dataset):
     _, vocab, _ = dataset
     good = json.dumps({"image_id": "g", "split": "train", "captions": [{"raw": "a dog", "tokens": ["a", "dog"]}]})

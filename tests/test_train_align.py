@@ -262,14 +262,15 @@ def test_two_ranks_under_torchrun_rank_failure_and_resume(tmp_path: Path, featur
 
 def test_zero2_resume_matches_an_uninterrupted_run(tmp_path: Path, features: Path) -> None:
     """ZeRO stage 2 partitions gradients and optimizer state; stopping at step 4 and resuming must end where an
-    uninterrupted run ends, bitwise (world of one, in this process)."""
+    uninterrupted run ends, bitwise (world of one, in this process). With a data worker, whose next epoch's
+    process starts while the current epoch trains."""
     import torch.distributed as dist
 
     from dsalign.train.align import train_alignment
 
     def run(folder: str, max_steps: int, resume: bool) -> None:
         path = _config(tmp_path / folder, features, max_steps=max_steps, eval_every=0)
-        config = load_config(path, ["distributed.zero_stage=2"])
+        config = load_config(path, ["distributed.zero_stage=2", "data.num_workers=1"])
         try:
             train_alignment(config, resume=resume, echo=lambda _: None)
         finally:

@@ -11,6 +11,7 @@ totals are exact across processes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -260,8 +261,8 @@ class ShardStream(IterableDataset):
             yield {**self.collate(batch), SKIP_KEY: dict(skips)}
             skips.clear()
 
-    def _train_samples(self, worker: int, skips: Counter) -> Iterator[tuple[str, RawSample]]:
-        rng = random.Random(_stable_seed(self.seed, self.epoch, self.rank, worker))
+    def _train_samples(self, epoch: int, worker: int, skips: Counter) -> Iterator[tuple[str, RawSample]]:
+        rng = random.Random(_stable_seed(self.seed, epoch, self.rank, worker))
         buffer: list[tuple[str, RawSample]] = []
         empty_in_a_row = 0
         while True:
@@ -279,12 +280,16 @@ class ShardStream(IterableDataset):
                 yield item
 
     def __iter__(self) -> Iterator[dict]:
+        # The epoch is read now, not at the first batch: a loader may start the next epoch's pass early.
+        return self._iterate(self.epoch)
+
+    def _iterate(self, epoch: int) -> Iterator[dict]:
         worker, n_workers = self._worker()
         skips: Counter = Counter()
         if self.mode == "train":
             assert self.batches_per_rank is not None
             per_worker = -(-self.batches_per_rank // n_workers)
-            batches = self._batches(self._decoded(self._train_samples(worker, skips), skips), skips, True)
+            batches = self._batches(self._decoded(self._train_samples(epoch, worker, skips), skips), skips, True)
             for _, batch in zip(range(per_worker), batches):
                 yield batch
             return
@@ -319,9 +324,31 @@ class ShardLoader:
         return self.stream.batches_per_rank
 
     def __iter__(self) -> Iterator[dict]:
+        """One pass: all of an evaluation stream, or one epoch (the stream's current one) of a training stream."""
+        return self._pass(self._started())
+
+    def epochs(self, first: int) -> Iterator[tuple[int, Iterator[dict]]]:
+        """Training: (epoch, that epoch's batches) from epoch ``first`` on, without end (close it when done).
+
+        With workers, each epoch's worker processes start when the previous epoch's pass starts, so their
+        start-up (fork, filling the shuffle buffer) overlaps its training steps instead of stalling the first
+        step of every epoch; they read ahead a few batches and wait.
+        """
+        self.stream.set_epoch(first)
+        current = self._started()
+        for epoch in itertools.count(first):
+            self.stream.set_epoch(epoch + 1)
+            upcoming = self._started() if self.num_workers else None
+            yield epoch, self._pass(current)
+            current = upcoming if upcoming is not None else self._started()
+
+    def _started(self) -> Iterator[dict]:
+        """A DataLoader iterator over the stream at its current epoch (with workers: their processes started)."""
+        return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                               pin_memory=self.pin_memory, persistent_workers=False))
+
+    def _pass(self, loader: Iterator[dict]) -> Iterator[dict]:
         self.skipped = Counter()
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            pin_memory=self.pin_memory, persistent_workers=False)
         limit = self.stream.batches_per_rank if self.stream.mode == "train" else None
         produced = 0
         for batch in loader:

@@ -204,7 +204,7 @@ def alignment_task(ctx: RunContext) -> TrainTask:
             except TooFewCaptionsError as exc:
                 raise caption_shortage(val_split, needed, exc.most) from exc
 
-    return TrainTask("align", model, vocab, stream, loader, batch_loss,
+    return TrainTask("align", model, vocab, loader, batch_loss,
                      features=feature_info(manifest), evaluate=evaluate, select_key="rsum",
                      describe=describe_retrieval)
 

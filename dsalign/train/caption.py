@@ -124,7 +124,7 @@ def caption_task(ctx: RunContext) -> TrainTask:
                              batch_size=d.val_batch_size)
             return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
 
-    return TrainTask("caption", model, vocab, stream, loader, batch_loss,
+    return TrainTask("caption", model, vocab, loader, batch_loss,
                      features=feature_info(manifest), info={"level": d.level},
                      evaluate=evaluate, select_key=select_key, describe=describe_caption_metrics)
 

@@ -2,7 +2,7 @@
 
 One code path for one process, ``torchrun`` and the ``deepspeed`` launcher: the engine runs ZeRO 0-2 (fp32 on
 CPU with gloo; bf16 autocast with fp32 master weights on CUDA). A model plugs in as a :class:`TrainTask`: its
-module, its training stream, the loss of one batch, a validation pass and how to export a bundle.
+module, its training loader, the loss of one batch, a validation pass and how to export a bundle.
 
 Determinism and resume: the RNG is reseeded at every step from (seed, step, rank), the data position is
 (epoch, batch-in-epoch) = divmod(step, batches_per_epoch), and the training stream is a pure function of
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dsalign.bundle import export_bundle, load_bundle
-from dsalign.data.pipeline import ShardLoader, ShardStream
+from dsalign.data.pipeline import ShardLoader
 from dsalign.text import Vocabulary
 from dsalign.train import checkpoint as ckpt
 from dsalign.train.config import ConfigError, RunConfig
@@ -69,8 +69,7 @@ class TrainTask:
     name: str
     model: torch.nn.Module
     vocab: Vocabulary
-    stream: ShardStream
-    loader: ShardLoader
+    loader: ShardLoader  # of a training stream
     batch_loss: Callable[[torch.nn.Module, dict, int], torch.Tensor]
     features: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
@@ -173,11 +172,9 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
     window_start, window_steps, window_loss = new_window()
     divergence = _DivergenceWatch(device)
     engine.train()
-    while step < t.max_steps:
-        epoch, done_in_epoch = divmod(step, t.batches_per_epoch)
-        task.stream.set_epoch(epoch)
-        batches = iter(task.loader)
-        for _ in range(done_in_epoch):
+    epochs = task.loader.epochs(step // t.batches_per_epoch)
+    for epoch, batches in epochs:
+        for _ in range(step - epoch * t.batches_per_epoch):  # resuming: the batches consumed before
             next(batches)
         for batch in batches:
             torch.manual_seed(step_seed(t.seed, step, rank))
@@ -212,6 +209,9 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
                 save(step)
             if step >= t.max_steps:
                 break
+        if step >= t.max_steps:
+            break
+    epochs.close()  # the next epoch's workers, started ahead
     if t.eval_every and step % t.eval_every and step > start_step:
         last_metrics = evaluate(step)
     if not (t.checkpoint_every and step % t.checkpoint_every == 0) and step > start_step:
