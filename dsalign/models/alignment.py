@@ -101,11 +101,14 @@ class SentenceBRNN(nn.Module):
         e = F.relu(self.w_e(self.dropout(self.embedding(tokens.gather(1, order)))))  # [B, T, H]
         e_both = torch.stack([e, reverse_within_length(e, lengths)])  # [2, B, T, H]: forward, backward order
         weight = torch.stack([self.w_f.weight.T, self.w_b.weight.T])  # [2, H, H]
-        bias = torch.stack([self.w_f.bias, self.w_b.bias])[:, None, :]  # [2, 1, H]
-        hidden = e_both.new_zeros(e_both.shape[0], e_both.shape[1], e_both.shape[3])
+        bias = torch.stack([self.w_f.bias, self.w_b.bias])[:, None, None, :]  # [2, 1, 1, H]
+        # e_t + b for every step at once, time-major so each step's slice is contiguous: the loop then runs two
+        # ops per step (fewer kernel launches on a GPU, where this small recurrence is launch-bound)
+        steps = (e_both + bias).permute(2, 0, 1, 3).contiguous()  # [T, 2, B, H]
+        hidden = steps.new_zeros(steps.shape[1:])
         outputs = []
-        for t in range(e_both.shape[2]):
-            hidden = F.relu(torch.baddbmm(e_both[:, :, t] + bias, hidden, weight))
+        for step in steps:
+            hidden = F.relu(torch.baddbmm(step, hidden, weight))
             outputs.append(hidden)
         h = torch.stack(outputs, dim=2)  # [2, B, T, H]
         both = h[0] + reverse_within_length(h[1], lengths)
