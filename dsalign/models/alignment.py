@@ -105,6 +105,10 @@ class SentenceBRNN(nn.Module):
         # e_t + b for every step at once, time-major so each step's slice is contiguous: the loop then runs two
         # ops per step (fewer kernel launches on a GPU, where this small recurrence is launch-bound)
         steps = (e_both + bias).permute(2, 0, 1, 3).contiguous()  # [T, 2, B, H]
+        if torch.is_autocast_enabled(steps.device.type):
+            # cast once, not by the matmul at every step (the weights still are: their gradient, summed over
+            # the steps, must add up in fp32)
+            steps = steps.to(torch.get_autocast_dtype(steps.device.type))
         hidden = steps.new_zeros(steps.shape[1:])
         outputs = []
         for step in steps:
