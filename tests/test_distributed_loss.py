@@ -13,6 +13,7 @@ from dsalign.models.alignment import AlignmentConfig, AlignmentModel
 from dsalign.models.losses import ranking_loss
 from dsalign.ops.score import score
 from dsalign.train.distributed import alignment_loss
+from dsalign.train.runtime import clip_gradients
 
 WORLD = 2
 PER_RANK = 3
@@ -102,6 +103,25 @@ def _check_deepspeed(rank: int) -> None:
         for name, param in engine.module.named_parameters():
             torch.testing.assert_close(param.detach(), expected[name], rtol=1e-5, atol=1e-6,
                                        msg=f"ZeRO {stage}: {name} after one step")
+    # ZeRO 0 as the trainer runs it: DeepSpeed does not clip, the loop clips the averaged gradients
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+    max_norm = 0.5 * float(norm)
+    clipped = {n: p.detach() - lr * (max_norm / (float(norm) + 1e-6)) * p.grad
+               for n, p in reference.named_parameters()}
+    model = _model()
+    config = {"train_micro_batch_size_per_gpu": PER_RANK, "train_batch_size": PER_RANK * WORLD,
+              "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
+              "steps_per_print": 1 << 30}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                                      config=config)
+    regions, region_mask, tokens, token_mask = _local_batch(rank)
+    v, s = engine(regions, region_mask, tokens, token_mask)
+    engine.backward(alignment_loss(v, region_mask, s, token_mask, 1.0, False, backend="torch") * WORLD)
+    clip_gradients(engine.module, max_norm)
+    engine.step()
+    for name, param in engine.module.named_parameters():
+        torch.testing.assert_close(param.detach(), clipped[name], rtol=1e-5, atol=1e-6,
+                                   msg=f"ZeRO 0, clipped: {name} after one step")
 
 
 def _worker(rank: int, store_file: str) -> None:

@@ -373,6 +373,33 @@ def test_learning_rate_schedule_reaches_the_optimizer_under_zero2(tmp_path: Path
     assert [r["lr"] for r in rows if r["kind"] == "train"] == [0.0015, 0.003, 0.003, 0.003, 0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_gradients_are_clipped_at_every_zero_stage(tmp_path: Path, features: Path, zero_stage: int) -> None:
+    """optim.grad_clip_norm bounds every step (plain SGD: a step moves the weights by lr x the clipped norm):
+    at ZeRO 0 the loop clips, DeepSpeed at ZeRO 1/2; a loose limit leaves the steps alone."""
+    import torch.distributed as dist
+
+    from dsalign.train.align import train_alignment
+
+    def step_norms(clip: float) -> list[float]:
+        folder = tmp_path / f"clip{clip}"
+        folder.mkdir()
+        path = _config(folder, features, max_steps=3, eval_every=0, checkpoint_every=1, keep_checkpoints=5)
+        config = load_config(path, [f"distributed.zero_stage={zero_stage}", "optim.name=\"sgd\"",
+                                    "optim.momentum=0", "optim.lr=0.05", f"optim.grad_clip_norm={clip}"])
+        try:
+            train_alignment(config, echo=lambda _: None)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        weights = [load_file(folder / "run" / "checkpoints" / f"step_{step:09d}", "model.pt") for step in (1, 2, 3)]
+        return [float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[k] - a[k]) for k in a])))
+                for a, b in zip(weights, weights[1:])]
+
+    assert all(n == pytest.approx(0.05 * 1e-3, rel=1e-3) for n in step_norms(1e-3))
+    assert all(n > 1e-2 for n in step_norms(1e6))
+
+
 # --- refused before training ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("zero", "message"), [

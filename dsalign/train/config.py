@@ -80,8 +80,8 @@ class LossConfig:
 class OptimConfig:
     """A torch optimizer handed to DeepSpeed (a config optimizer would build fused ops for minutes on CPU).
 
-    grad_clip_norm is DeepSpeed's global-norm clip (0 = off); the paper clipped elementwise at 5. momentum is
-    used by sgd and rmsprop.
+    grad_clip_norm is the global 2-norm clip (0 = off; the loop's at ZeRO 0, DeepSpeed's at ZeRO 1/2); the paper
+    clipped elementwise at 5. momentum is used by sgd and rmsprop.
 
     The learning rate is a function of the step alone (so ``--resume`` continues it exactly): a linear warm-up
     over ``warmup_steps``, then ``schedule`` constant; step (times ``decay_factor`` every ``decay_every``

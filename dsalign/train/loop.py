@@ -30,6 +30,7 @@ from dsalign.train.runtime import (
     RunLogger,
     base_optimizer,
     build_optimizer,
+    clip_gradients,
     deepspeed_config,
     init_distributed,
     resolve_device,
@@ -161,6 +162,7 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
                              t.keep_checkpoints, dist.barrier)
 
     global_batch = t.batch_size * world_size
+    clip = config.optim.grad_clip_norm if zero_stage == 0 else 0.0  # ZeRO 1/2: DeepSpeed clips (deepspeed_config)
     step = start_step
     last_metrics: dict = {}
 
@@ -182,6 +184,8 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
             local = task.batch_loss(engine, batch, step)
             # DeepSpeed averages gradients over ranks; the local losses sum to the global loss.
             engine.backward(local * world_size)
+            if clip:
+                clip_gradients(engine.module, clip)
             engine.step()
             step += 1
             total = local.detach().reshape(1).float()

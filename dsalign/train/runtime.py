@@ -122,7 +122,8 @@ def deepspeed_config(config: RunConfig, world_size: int, precision: str) -> dict
         "train_micro_batch_size_per_gpu": config.train.batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": config.train.batch_size * world_size,
-        "gradient_clipping": config.optim.grad_clip_norm,
+        # ZeRO 0: the loop clips (clip_gradients); ZeRO 1/2 clip inside DeepSpeed's optimizer
+        "gradient_clipping": 0.0 if zero["stage"] == 0 else config.optim.grad_clip_norm,
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,
         # ZeRO 1/2 refuse optimizers DeepSpeed did not write unless told; torch's are elementwise and safe.
@@ -133,6 +134,14 @@ def deepspeed_config(config: RunConfig, world_size: int, precision: str) -> dict
     # count averages in fp32, like ZeRO 0, and the model is small enough that the bytes do not matter.
     ds["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return ds
+
+
+def clip_gradients(module: torch.nn.Module, max_norm: float) -> None:
+    """Scale the gradients to a global 2-norm of at most ``max_norm`` (ZeRO 0, after the engine's backward has
+    averaged them over ranks). DeepSpeed's own clip at ZeRO 0 builds two tensors from Python numbers on the
+    device every step (copies that wait for the GPU to finish the backward) and all-reduces a norm every rank
+    already has; torch's clip does neither and scales by exactly 1.0 below the limit, as DeepSpeed's does."""
+    torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
 
 
 def read_deepspeed_json(path: Path) -> dict:
