@@ -373,6 +373,27 @@ def test_learning_rate_schedule_reaches_the_optimizer_under_zero2(tmp_path: Path
     assert [r["lr"] for r in rows if r["kind"] == "train"] == [0.0015, 0.003, 0.003, 0.003, 0, 0, 0, 0]
 
 
+def test_resuming_a_finished_run_takes_no_step(tmp_path: Path, features: Path) -> None:
+    """--resume of a run that reached train.max_steps (at an epoch boundary, so the data loader already stands at
+    the next epoch) trains nothing more and keeps its last checkpoint."""
+    import torch.distributed as dist
+
+    from dsalign.train.align import train_alignment
+
+    config = load_config(_config(tmp_path, features, max_steps=5, eval_every=0, checkpoint_every=5))
+    summaries = []
+    for resume in (False, True):
+        try:
+            summaries.append(train_alignment(config, resume=resume, echo=lambda _: None))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    assert [s["step"] for s in summaries] == [5, 5]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert find_latest(tmp_path / "run" / "checkpoints").name == "step_000000005"
+
+
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_gradients_are_clipped_at_every_zero_stage(tmp_path: Path, features: Path, zero_stage: int) -> None:
     """optim.grad_clip_norm bounds every step (plain SGD: a step moves the weights by lr x the clipped norm):

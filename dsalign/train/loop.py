@@ -12,6 +12,7 @@ optimizer state, so an interrupted run ends where an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -174,48 +175,48 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
     window_start, window_steps, window_loss = new_window()
     divergence = _DivergenceWatch(device)
     engine.train()
-    epochs = task.loader.epochs(step // t.batches_per_epoch)
-    for epoch, batches in epochs:
-        for _ in range(step - epoch * t.batches_per_epoch):  # resuming: the batches consumed before
-            next(batches)
-        for batch in batches:
-            torch.manual_seed(step_seed(t.seed, step, rank))
-            lr = set_learning_rate(engine, config.optim.lr_at(step, t.max_steps))
-            local = task.batch_loss(engine, batch, step)
-            # DeepSpeed averages gradients over ranks; the local losses sum to the global loss.
-            engine.backward(local * world_size)
-            if clip:
-                clip_gradients(engine.module, clip)
-            engine.step()
-            step += 1
-            total = local.detach().reshape(1).float()
-            if world_size > 1:
-                dist.all_reduce(total)
-            window_steps += 1
-            window_loss = window_loss + total[0]
-            divergence.see(step, total[0])
-            logs = step % t.log_every == 0 or step == t.max_steps
-            evaluates = bool(t.eval_every) and step % t.eval_every == 0
-            saves = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-            if logs or evaluates or saves:  # every rank holds the same all-reduced loss: all stop together
-                divergence.check()
-            if logs:
-                elapsed = time.perf_counter() - window_start
-                rate = window_steps * global_batch / max(elapsed, 1e-9)
-                values = {"loss": float(window_loss) / window_steps, "samples_per_s": rate, "epoch": float(epoch),
-                          "lr": lr}
-                log.scalars(step, "train", values)
-                log.message(f"step {step} epoch {epoch} loss {values['loss']:.4f} {rate:.1f} samples/s")
-                window_start, window_steps, window_loss = new_window()
-            if evaluates:
-                last_metrics = evaluate(step)
-            if saves:
-                save(step)
-            if step >= t.max_steps:
+    # closing: an early stop (an error, the last step) also ends the next epoch's workers, started ahead
+    with contextlib.closing(task.loader.epochs(step // t.batches_per_epoch)) as epochs:
+        for epoch, batches in epochs:
+            if step >= t.max_steps:  # also a resumed run that had already finished
                 break
-        if step >= t.max_steps:
-            break
-    epochs.close()  # the next epoch's workers, started ahead
+            for _ in range(step - epoch * t.batches_per_epoch):  # resuming: the batches consumed before
+                next(batches)
+            for batch in batches:
+                torch.manual_seed(step_seed(t.seed, step, rank))
+                lr = set_learning_rate(engine, config.optim.lr_at(step, t.max_steps))
+                local = task.batch_loss(engine, batch, step)
+                # DeepSpeed averages gradients over ranks; the local losses sum to the global loss.
+                engine.backward(local * world_size)
+                if clip:
+                    clip_gradients(engine.module, clip)
+                engine.step()
+                step += 1
+                total = local.detach().reshape(1).float()
+                if world_size > 1:
+                    dist.all_reduce(total)
+                window_steps += 1
+                window_loss = window_loss + total[0]
+                divergence.see(step, total[0])
+                logs = step % t.log_every == 0 or step == t.max_steps
+                evaluates = bool(t.eval_every) and step % t.eval_every == 0
+                saves = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+                if logs or evaluates or saves:  # every rank holds the same all-reduced loss: all stop together
+                    divergence.check()
+                if logs:
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps * global_batch / max(elapsed, 1e-9)
+                    values = {"loss": float(window_loss) / window_steps, "samples_per_s": rate, "epoch": float(epoch),
+                              "lr": lr}
+                    log.scalars(step, "train", values)
+                    log.message(f"step {step} epoch {epoch} loss {values['loss']:.4f} {rate:.1f} samples/s")
+                    window_start, window_steps, window_loss = new_window()
+                if evaluates:
+                    last_metrics = evaluate(step)
+                if saves:
+                    save(step)
+                if step >= t.max_steps:
+                    break
     if t.eval_every and step % t.eval_every and step > start_step:
         last_metrics = evaluate(step)
     if not (t.checkpoint_every and step % t.checkpoint_every == 0) and step > start_step:
