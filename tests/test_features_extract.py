@@ -287,6 +287,14 @@ def test_feature_rows_read_any_layout_numpy_writes() -> None:
         got = decode_feature_rows(raw, 8)
         assert got.dtype == expected.dtype and np.array_equal(got, expected)
     assert not got.flags.writeable  # a view of the tar's bytes: decoders copy before handing out tensors
+    # keep_fp16 keeps float16 rows as they are and never rounds float32 rows down; a batch of both is float32
+    decoder = FeatureSampleDecoder(Vocabulary(["a", "b"]), feature_dim=8, keep_fp16=True)
+    wide = rows * 1e5  # beyond float16's range
+    samples = [decoder(key, _feature_sample(array, [[0, 0, 1, 1]] * len(array)))
+               for key, array in (("f16", rows.astype(np.float16)), ("f32", wide))]
+    assert [s["regions"].dtype for s in samples] == [torch.float16, torch.float32]
+    batch = collate_features(samples)
+    assert batch["regions"].dtype == torch.float32 and torch.equal(batch["regions"][1], torch.from_numpy(wide))
 
 
 def test_collate_pads_regions_and_masks():

@@ -91,6 +91,13 @@ def _lying_header() -> bytes:
     return npy_bytes(np.ones((2, DIM), np.float32)).replace(b"(2, 8)", b"(99999999999, 8)")
 
 
+def _bool_shape() -> bytes:
+    """A header whose shape holds a bool (numpy's own header check accepts it) before a row of data."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (True, DIM)})
+    return out.getvalue() + np.ones(DIM, np.float32).tobytes()
+
+
 def _npz() -> bytes:
     out = io.BytesIO()
     np.savez(out, features=np.ones((2, DIM), np.float32))
@@ -102,6 +109,7 @@ FEATURE_CASES: dict[str, Case] = {
     "good0": (_feature_case(ROWS), None),
     "npz": (_feature_case(_npz()), "bad_features"),
     "lyingheader": (_feature_case(_lying_header()), "bad_features"),
+    "boolshape": (_feature_case(_bool_shape()), "bad_features"),
     "truncatednpy": (_feature_case(npy_bytes(ROWS)[:-5]), "bad_features"),
     "emptynpy": (_feature_case(b""), "bad_features"),
     "dirnpy": (_feature_case(NonFile(tarfile.DIRTYPE)), "bad_features"),

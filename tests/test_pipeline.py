@@ -81,7 +81,7 @@ def test_training_stream_depends_on_epoch_and_rank_and_repeats_exactly(dataset):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_epochs_read_ahead_yield_the_batches_of_each_epoch_in_turn(dataset, workers):
+def test_epochs_read_ahead_yield_the_batches_of_each_epoch_in_turn(dataset, workers, monkeypatch):
     """The trainer's ``epochs`` starts each epoch's workers while the previous epoch is read: the batches are
     still exactly those of setting each epoch and reading it alone, from any first epoch (resume)."""
     out, vocab, _ = dataset
@@ -101,6 +101,12 @@ def test_epochs_read_ahead_yield_the_batches_of_each_epoch_in_turn(dataset, work
         epoch, batches = next(epochs)
         assert epoch == expected_epoch and [b["image_ids"] for b in batches] == alone(epoch)
     epochs.close()
+    bounded = loader()
+    started = []
+    monkeypatch.setattr(bounded, "_started", lambda original=bounded._started: started.append(
+        bounded.stream.epoch) or original())
+    assert [(epoch, len(list(batches))) for epoch, batches in bounded.epochs(1, 2)] == [(1, 3), (2, 3)]
+    assert started == [1, 2]  # no read-ahead past the last epoch
 
 
 def test_corrupt_inputs_are_skipped_and_counted_exactly(tmp_path, dataset):

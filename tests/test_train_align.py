@@ -423,6 +423,20 @@ def test_gradients_are_clipped_at_every_zero_stage(tmp_path: Path, features: Pat
 
 # --- refused before training ----------------------------------------------------------------------------------
 
+def test_deepspeed_json_cannot_move_the_gradient_average_or_clip(tmp_path: Path) -> None:
+    """The loop clips at ZeRO 0 right after the engine's backward, which must have averaged the gradients: a
+    JSON's managed_gradient_accumulation=false (average in step) and gradient_clipping are overridden."""
+    from dsalign.train.runtime import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"managed_gradient_accumulation": False, "gradient_clipping": 2.0}))
+    for stage, clip in ((0, 0.0), (2, 3.0)):
+        config = load_config_data({"data": {"features": "f"}, "optim": {"grad_clip_norm": 3.0},
+                                   "distributed": {"deepspeed_config": str(path), "zero_stage": stage}})
+        ds = deepspeed_config(config, 2, "fp32")
+        assert ds["managed_gradient_accumulation"] is True and ds["gradient_clipping"] == clip
+
+
 @pytest.mark.parametrize(("zero", "message"), [
     ({"stage": 3}, "zero_optimization.stage must be 0, 1 or 2 (ZeRO 3 is not supported), got 3"),
     ({"stage": 7}, "got 7"),

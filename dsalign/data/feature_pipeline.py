@@ -10,6 +10,7 @@ A sample whose features are missing, unreadable, non-finite or of the wrong shap
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ def read_npy(data: bytes) -> np.ndarray:
     shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
     if dtype.hasobject:
         raise ValueError(f"dtype {dtype} holds Python objects")
+    if not all(type(n) is int for n in shape):  # numpy's header check lets True/False through as sizes
+        raise ValueError(f"shape {shape} is not a tuple of integers")
     if dtype.itemsize * math.prod(shape) != len(data) - stream.tell():
         raise ValueError(f"header promises {dtype} {shape}, data holds {len(data) - stream.tell()} bytes")
     flat = np.frombuffer(data, dtype, offset=stream.tell())
@@ -91,7 +94,8 @@ class FeatureSampleDecoder:
     """Raw feature-shard sample → dict with region features [R, F], region boxes [R, 4] and captions.
 
     ``feature_dim`` (from the manifest) makes a sample of another width a skip instead of a collate crash;
-    ``keep_fp16`` keeps the stored float16 (half the host memory) instead of converting to float32.
+    ``keep_fp16`` keeps rows stored as float16 in float16 (half the host memory) instead of converting them to
+    float32; rows stored as float32 stay float32.
     """
 
     vocab: Vocabulary
@@ -109,7 +113,8 @@ class FeatureSampleDecoder:
         boxes = decode_boxes({"boxes": region_boxes})
         if len(boxes) != features.shape[0]:  # e.g. a flat list of R numbers read as R/4 boxes
             raise SampleError("bad_features", f"{len(boxes)} region boxes for {features.shape[0]} feature rows")
-        regions = torch.from_numpy(features.astype(np.float16 if self.keep_fp16 else np.float32, copy=True))
+        stored_fp16 = self.keep_fp16 and features.dtype == np.float16  # float32 rows are never rounded down
+        regions = torch.from_numpy(features.astype(np.float16 if stored_fp16 else np.float32, copy=True))
         return {**sample, "regions": regions, "boxes": boxes}
 
 
@@ -118,7 +123,8 @@ def collate_features(samples: list[dict]) -> dict:
     real region), ``boxes`` [B, R, 4], plus ``tokens``/``token_mask``/``caption_mask`` as for images."""
     n_regions = max(len(s["regions"]) for s in samples)
     first = samples[0]["regions"]
-    regions = torch.zeros(len(samples), n_regions, first.shape[1], dtype=first.dtype)
+    dtype = functools.reduce(torch.promote_types, (s["regions"].dtype for s in samples))  # float16 + float32 shards
+    regions = torch.zeros(len(samples), n_regions, first.shape[1], dtype=dtype)
     for b, sample in enumerate(samples):
         regions[b, : len(sample["regions"])] = sample["regions"]
     boxes = pad_boxes(samples)

@@ -327,20 +327,26 @@ class ShardLoader:
         """One pass: all of an evaluation stream, or one epoch (the stream's current one) of a training stream."""
         return self._pass(self._started())
 
-    def epochs(self, first: int) -> Iterator[tuple[int, Iterator[dict]]]:
-        """Training: (epoch, that epoch's batches) from epoch ``first`` on, without end (close it when done).
+    def epochs(self, first: int, last: int | None = None) -> Iterator[tuple[int, Iterator[dict]]]:
+        """Training: (epoch, that epoch's batches) from epoch ``first`` through ``last`` (None: without end; close
+        the generator when done).
 
         With workers, each epoch's worker processes start when the previous epoch's pass starts, so their
         start-up (fork, filling the shuffle buffer) overlaps its training steps instead of stalling the first
-        step of every epoch; they read ahead a few batches and wait.
+        step of every epoch; they read ahead a few batches and wait. None are started beyond ``last``.
         """
-        self.stream.set_epoch(first)
-        current = self._started()
-        for epoch in itertools.count(first):
-            self.stream.set_epoch(epoch + 1)
-            upcoming = self._started() if self.num_workers else None
+        upcoming: Iterator[dict] | None = None
+        for epoch in itertools.count(first) if last is None else range(first, last + 1):
+            if upcoming is None:
+                self.stream.set_epoch(epoch)
+                current = self._started()
+            else:
+                current = upcoming
+            upcoming = None
+            if self.num_workers and (last is None or epoch < last):
+                self.stream.set_epoch(epoch + 1)
+                upcoming = self._started()
             yield epoch, self._pass(current)
-            current = upcoming if upcoming is not None else self._started()
 
     def _started(self) -> Iterator[dict]:
         """A DataLoader iterator over the stream at its current epoch (with workers: their processes started)."""

@@ -176,7 +176,8 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
     divergence = _DivergenceWatch(device)
     engine.train()
     # closing: an early stop (an error, the last step) also ends the next epoch's workers, started ahead
-    with contextlib.closing(task.loader.epochs(step // t.batches_per_epoch)) as epochs:
+    last_epoch = (t.max_steps - 1) // t.batches_per_epoch
+    with contextlib.closing(task.loader.epochs(step // t.batches_per_epoch, last_epoch)) as epochs:
         for epoch, batches in epochs:
             if step >= t.max_steps:  # also a resumed run that had already finished
                 break

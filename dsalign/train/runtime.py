@@ -121,6 +121,8 @@ def deepspeed_config(config: RunConfig, world_size: int, precision: str) -> dict
     ds.update({
         "train_micro_batch_size_per_gpu": config.train.batch_size,
         "gradient_accumulation_steps": 1,
+        # the engine's backward averages the gradients (the loop's ZeRO 0 clip needs them averaged), not its step
+        "managed_gradient_accumulation": True,
         "train_batch_size": config.train.batch_size * world_size,
         # ZeRO 0: the loop clips (clip_gradients); ZeRO 1/2 clip inside DeepSpeed's optimizer
         "gradient_clipping": 0.0 if zero["stage"] == 0 else config.optim.grad_clip_norm,
