@@ -103,8 +103,8 @@ def test_epochs_read_ahead_yield_the_batches_of_each_epoch_in_turn(dataset, work
     epochs.close()
     bounded = loader()
     started = []
-    monkeypatch.setattr(bounded, "_started", lambda original=bounded._started: started.append(
-        bounded.stream.epoch) or original())
+    monkeypatch.setattr(bounded, "_started", lambda epoch=None, original=bounded._started: started.append(
+        epoch) or original(epoch))
     assert [(epoch, len(list(batches))) for epoch, batches in bounded.epochs(1, 2)] == [(1, 3), (2, 3)]
     assert started == [1, 2]  # no read-ahead past the last epoch
 

@@ -337,19 +337,16 @@ class ShardLoader:
         """
         upcoming: Iterator[dict] | None = None
         for epoch in itertools.count(first) if last is None else range(first, last + 1):
-            if upcoming is None:
-                self.stream.set_epoch(epoch)
-                current = self._started()
-            else:
-                current = upcoming
-            upcoming = None
-            if self.num_workers and (last is None or epoch < last):
-                self.stream.set_epoch(epoch + 1)
-                upcoming = self._started()
+            current = upcoming if upcoming is not None else self._started(epoch)
+            ahead = self.num_workers > 0 and (last is None or epoch < last)
+            upcoming = self._started(epoch + 1) if ahead else None
             yield epoch, self._pass(current)
 
-    def _started(self) -> Iterator[dict]:
-        """A DataLoader iterator over the stream at its current epoch (with workers: their processes started)."""
+    def _started(self, epoch: int | None = None) -> Iterator[dict]:
+        """A DataLoader iterator over the stream at ``epoch`` (None: its current one); with workers, their
+        processes are started (each takes the stream as it is now)."""
+        if epoch is not None:
+            self.stream.set_epoch(epoch)
         return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                                pin_memory=self.pin_memory, persistent_workers=False))
 
