@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from dsalign.cli_args import non_negative
 from dsalign.data.feature_pipeline import FeatureSampleDecoder, collate_features, load_feature_manifest
 from dsalign.data.pipeline import ShardLoader, ShardStream
 from dsalign.data.prepare import prepare_dataset
@@ -213,7 +214,7 @@ def main() -> None:
                              "10 steps and the first window is dropped)")
     parser.add_argument("--trainer-timeout", type=float, default=None,
                         help="seconds before a trainer run is abandoned (recorded as failed); default none")
-    parser.add_argument("--workers", default="0,2",
+    parser.add_argument("--workers", default="0,2", type=lambda text: [non_negative(w) for w in text.split(",")],
                         help="comma list of data.num_workers for the 1-rank trainer runs (default 0,2)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/train.json on CPU, train_cuda.json on CUDA)")
@@ -221,12 +222,6 @@ def main() -> None:
     trainer_steps = max(args.steps, 30) if args.trainer_steps is None else args.trainer_steps
     if trainer_steps < 20:
         parser.error("--trainer-steps must be >= 20")
-    try:
-        worker_counts = [int(w) for w in args.workers.split(",")]
-    except ValueError:
-        parser.error(f"--workers must be a comma list of integers, got {args.workers!r}")
-    if any(w < 0 for w in worker_counts):
-        parser.error("--workers must be >= 0")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     out = args.out or RESULTS / ("train_cuda.json" if cuda else "train.json")
@@ -252,7 +247,7 @@ def main() -> None:
             print(f"{key:>18}: {value:.4f}")
         print(f"{'precision':>18}: {how['precision']}; score backend {how['score_backend']}")
         save()
-        for n, workers in [(1, w) for w in worker_counts] + [(2, 0)]:
+        for n, workers in [(1, w) for w in args.workers] + [(2, 0)]:
             name = f"trainer_{n}rank" + (f"_{workers}workers" if workers else "")
             key = f"{name}_samples_per_s"
             if cuda and n > torch.cuda.device_count():

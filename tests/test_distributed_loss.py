@@ -78,6 +78,27 @@ def _check_plain(rank: int) -> None:
             torch.testing.assert_close(grad, ref_grads[name], msg=f"gradient of {name} (hardest={hardest})")
 
 
+def _one_sgd_step(rank: int, stage: int, lr: float, max_norm: float = 0.0) -> dict[str, torch.Tensor]:
+    """This rank's weights after one DeepSpeed SGD step on its share of the batch; with ``max_norm`` the loop's
+    clip runs between the engine's backward and step, as the trainer's does at ZeRO 0."""
+    import deepspeed
+
+    model = _model()
+    config = {"train_micro_batch_size_per_gpu": PER_RANK, "train_batch_size": PER_RANK * WORLD,
+              "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+              "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default
+              "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                                      config=config)
+    regions, region_mask, tokens, token_mask = _local_batch(rank)
+    v, s = engine(regions, region_mask, tokens, token_mask)
+    engine.backward(alignment_loss(v, region_mask, s, token_mask, 1.0, False, backend="torch") * WORLD)
+    if max_norm:
+        clip_gradients(engine.module, max_norm)
+    engine.step()
+    return {name: param.detach() for name, param in engine.module.named_parameters()}
+
+
 def _check_deepspeed(rank: int) -> None:
     import deepspeed
 
@@ -88,39 +109,16 @@ def _check_deepspeed(rank: int) -> None:
     _reference(reference, 1.0, False)
     expected = {n: p.detach() - lr * p.grad for n, p in reference.named_parameters()}
     for stage in (0, 1, 2):
-        model = _model()
-        config = {"train_micro_batch_size_per_gpu": PER_RANK, "train_batch_size": PER_RANK * WORLD,
-                  "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
-                  "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default
-                  "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-                                          config=config)
-        regions, region_mask, tokens, token_mask = _local_batch(rank)
-        v, s = engine(regions, region_mask, tokens, token_mask)
-        local = alignment_loss(v, region_mask, s, token_mask, 1.0, False, backend="torch")
-        engine.backward(local * WORLD)
-        engine.step()
-        for name, param in engine.module.named_parameters():
-            torch.testing.assert_close(param.detach(), expected[name], rtol=1e-5, atol=1e-6,
+        for name, param in _one_sgd_step(rank, stage, lr).items():
+            torch.testing.assert_close(param, expected[name], rtol=1e-5, atol=1e-6,
                                        msg=f"ZeRO {stage}: {name} after one step")
     # ZeRO 0 as the trainer runs it: DeepSpeed does not clip, the loop clips the averaged gradients
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
     max_norm = 0.5 * float(norm)
     clipped = {n: p.detach() - lr * (max_norm / (float(norm) + 1e-6)) * p.grad
                for n, p in reference.named_parameters()}
-    model = _model()
-    config = {"train_micro_batch_size_per_gpu": PER_RANK, "train_batch_size": PER_RANK * WORLD,
-              "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
-              "steps_per_print": 1 << 30}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-                                      config=config)
-    regions, region_mask, tokens, token_mask = _local_batch(rank)
-    v, s = engine(regions, region_mask, tokens, token_mask)
-    engine.backward(alignment_loss(v, region_mask, s, token_mask, 1.0, False, backend="torch") * WORLD)
-    clip_gradients(engine.module, max_norm)
-    engine.step()
-    for name, param in engine.module.named_parameters():
-        torch.testing.assert_close(param.detach(), clipped[name], rtol=1e-5, atol=1e-6,
+    for name, param in _one_sgd_step(rank, 0, lr, max_norm).items():
+        torch.testing.assert_close(param, clipped[name], rtol=1e-5, atol=1e-6,
                                    msg=f"ZeRO 0, clipped: {name} after one step")
 
 

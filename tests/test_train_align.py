@@ -59,6 +59,19 @@ def _config(tmp_path: Path, features: Path, **train: object) -> Path:
     return path
 
 
+def _train_in_process(config: TrainConfig, resume: bool = False) -> dict:
+    """``train_alignment`` in this process, its process group torn down afterwards (the next run starts its own)."""
+    import torch.distributed as dist
+
+    from dsalign.train.align import train_alignment
+
+    try:
+        return train_alignment(config, resume=resume, echo=lambda _: None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -264,18 +277,12 @@ def test_zero2_resume_matches_an_uninterrupted_run(tmp_path: Path, features: Pat
     """ZeRO stage 2 partitions gradients and optimizer state; stopping at step 4 and resuming must end where an
     uninterrupted run ends, bitwise (world of one, in this process). With a data worker, whose next epoch's
     process starts while the current epoch trains."""
-    import torch.distributed as dist
 
-    from dsalign.train.align import train_alignment
 
     def run(folder: str, max_steps: int, resume: bool) -> None:
         path = _config(tmp_path / folder, features, max_steps=max_steps, eval_every=0)
         config = load_config(path, ["distributed.zero_stage=2", "data.num_workers=1"])
-        try:
-            train_alignment(config, resume=resume, echo=lambda _: None)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        _train_in_process(config, resume)
 
     (tmp_path / "whole").mkdir()
     (tmp_path / "parts").mkdir()
@@ -295,11 +302,9 @@ def test_bf16_autocast_training_under_zero2(tmp_path: Path, features: Path, monk
     """The bf16 path (CUDA's default) on CPU autocast: cosine unit vectors reach the score op in bf16, gradients
     are reduced in fp32 (no module in DeepSpeed's lower-precision list) and the checkpointed weights stay fp32."""
     import deepspeed.runtime.engine
-    import torch.distributed as dist
 
     import dsalign.train.distributed
     import dsalign.train.loop
-    from dsalign.train.align import train_alignment
 
     monkeypatch.setattr(dsalign.train.loop, "resolve_precision", lambda config, device: "bf16")
     seen, low_precision_modules = set(), []
@@ -312,11 +317,7 @@ def test_bf16_autocast_training_under_zero2(tmp_path: Path, features: Path, monk
                         or autocast_params(engine, dtype, modules))
     path = _config(tmp_path, features, max_steps=4, eval_every=2)
     config = load_config(path, ["distributed.zero_stage=2", "model.similarity=\"cosine\""])
-    try:
-        summary = train_alignment(config, echo=lambda _: None)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    summary = _train_in_process(config)
     assert summary["step"] == 4 and seen == {torch.bfloat16} and low_precision_modules == [[]]
     weights = load_file(tmp_path / "run" / "checkpoints" / "step_000000004", "model.pt")
     assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
@@ -328,20 +329,13 @@ def test_a_diverging_run_stops_before_saving_non_finite_weights(tmp_path: Path, 
     """A learning rate far too high: the run stops with one line naming the first step whose loss was not
     finite, and no checkpoint holds the weights of that step or later (the loss is read on the host only at
     steps that log, evaluate or save: here every step, or every third)."""
-    import torch.distributed as dist
 
-    from dsalign.train.align import train_alignment
 
     path = _config(tmp_path, features, max_steps=12, eval_every=0, log_every=5, checkpoint_every=checkpoint_every,
                    keep_checkpoints=20)
     config = load_config(path, ["optim.lr=1e30", "optim.name=\"sgd\""])
-    try:
-        with pytest.raises(RuntimeError, match=r"^step \d+: the loss is not finite \((nan|inf)\); lower optim.lr$") \
-                as err:
-            train_alignment(config, echo=lambda _: None)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with pytest.raises(RuntimeError, match=r"^step \d+: the loss is not finite \((nan|inf)\); lower optim.lr$") as err:
+        _train_in_process(config)
     bad = int(err.value.args[0].split(":")[0].split()[1])
     saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert bad >= 2 and saved == [step for step in range(1, bad) if step % checkpoint_every == 0]
@@ -353,18 +347,12 @@ def test_a_diverging_run_stops_before_saving_non_finite_weights(tmp_path: Path, 
 def test_learning_rate_schedule_reaches_the_optimizer_under_zero2(tmp_path: Path, features: Path) -> None:
     """A step schedule that drops the rate to 0 after 4 steps freezes the weights from then on (ZeRO 2 wraps
     the optimizer), and the log records the rate each step used."""
-    import torch.distributed as dist
 
-    from dsalign.train.align import train_alignment
 
     path = _config(tmp_path, features, max_steps=8, eval_every=0, keep_checkpoints=5)
     config = load_config(path, ["distributed.zero_stage=2", "optim.schedule=\"step\"", "optim.decay_every=4",
                                 "optim.decay_factor=0", "optim.warmup_steps=2"])
-    try:
-        train_alignment(config, echo=lambda _: None)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    _train_in_process(config)
     weights = {step: load_file(tmp_path / "run" / "checkpoints" / f"step_{step:09d}", "model.pt")
                for step in (2, 4, 8)}
     assert all(torch.equal(weights[4][k], weights[8][k]) for k in weights[4])
@@ -376,18 +364,12 @@ def test_learning_rate_schedule_reaches_the_optimizer_under_zero2(tmp_path: Path
 def test_resuming_a_finished_run_takes_no_step(tmp_path: Path, features: Path) -> None:
     """--resume of a run that reached train.max_steps (at an epoch boundary, so the data loader already stands at
     the next epoch) trains nothing more and keeps its last checkpoint."""
-    import torch.distributed as dist
 
-    from dsalign.train.align import train_alignment
 
     config = load_config(_config(tmp_path, features, max_steps=5, eval_every=0, checkpoint_every=5))
     summaries = []
     for resume in (False, True):
-        try:
-            summaries.append(train_alignment(config, resume=resume, echo=lambda _: None))
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        summaries.append(_train_in_process(config, resume))
     assert [s["step"] for s in summaries] == [5, 5]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5]
@@ -398,9 +380,7 @@ def test_resuming_a_finished_run_takes_no_step(tmp_path: Path, features: Path) -
 def test_gradients_are_clipped_at_every_zero_stage(tmp_path: Path, features: Path, zero_stage: int) -> None:
     """optim.grad_clip_norm bounds every step (plain SGD: a step moves the weights by lr x the clipped norm):
     at ZeRO 0 the loop clips, DeepSpeed at ZeRO 1/2; a loose limit leaves the steps alone."""
-    import torch.distributed as dist
 
-    from dsalign.train.align import train_alignment
 
     def step_norms(clip: float) -> list[float]:
         folder = tmp_path / f"clip{clip}"
@@ -408,11 +388,7 @@ def test_gradients_are_clipped_at_every_zero_stage(tmp_path: Path, features: Pat
         path = _config(folder, features, max_steps=3, eval_every=0, checkpoint_every=1, keep_checkpoints=5)
         config = load_config(path, [f"distributed.zero_stage={zero_stage}", "optim.name=\"sgd\"",
                                     "optim.momentum=0", "optim.lr=0.05", f"optim.grad_clip_norm={clip}"])
-        try:
-            train_alignment(config, echo=lambda _: None)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        _train_in_process(config)
         weights = [load_file(folder / "run" / "checkpoints" / f"step_{step:09d}", "model.pt") for step in (1, 2, 3)]
         return [float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[k] - a[k]) for k in a])))
                 for a, b in zip(weights, weights[1:])]
@@ -574,18 +550,12 @@ def test_training_batches_carry_the_stored_float16_and_train_as_float32(tmp_path
 def test_resume_after_a_model_change_names_the_changed_key(tmp_path: Path, features: Path) -> None:
     """--resume with another model.embed_dim used to print torch's state_dict dump, one line per tensor; now one
     line names the key (from the run's config.json), else the first tensor that does not fit."""
-    import torch.distributed as dist
 
-    from dsalign.train.align import train_alignment
 
     path = _config(tmp_path, features, max_steps=2, eval_every=0)
 
     def run(overrides: list[str], resume: bool) -> None:
-        try:
-            train_alignment(load_config(path, overrides), resume=resume, echo=lambda _: None)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        _train_in_process(load_config(path, overrides), resume)
 
     run([], False)
     with pytest.raises(CheckpointError) as err:

@@ -163,7 +163,8 @@ def _run(config: RunConfig, task: TrainTask, ds_config: dict, latest: Path | Non
                              t.keep_checkpoints, dist.barrier)
 
     global_batch = t.batch_size * world_size
-    clip = config.optim.grad_clip_norm if zero_stage == 0 else 0.0  # ZeRO 1/2: DeepSpeed clips (deepspeed_config)
+    # the clip DeepSpeed does not do (ZeRO 0, see deepspeed_config), the loop does
+    clip = 0.0 if ds_config["gradient_clipping"] else config.optim.grad_clip_norm
     step = start_step
     last_metrics: dict = {}
 
