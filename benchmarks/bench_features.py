@@ -4,7 +4,10 @@ Raw forward: the backbone's trunk + pooling on pre-decoded, pre-resized image te
 pre-cut crops (crop path), nothing else. Pipeline: ``extract_features`` itself (tar reading, image decoding,
 region proposals, RoI pooling or crop-and-resize, float16 encoding, shard writing, manifest). The N images are
 cut into chunks of ``--chunk`` images, and each chunk is timed raw and then through every pipeline before the
-next chunk, so the load of a shared machine hits raw and pipeline runs alike. Writes JSON (``--out``).
+next chunk, so the load of a shared machine hits raw and pipeline runs alike. Feed rate: the same pipeline
+with selective search over all N images as one shard, around a stand-in CNN that costs next to nothing, per
+``--feed-workers`` count in turn, ``--feed-repeats`` times: the rate at which this host can feed an
+accelerator's CNN, in line (0) and with worker processes decoding and proposing. Writes JSON (``--out``).
 
     .venv/bin/python benchmarks/bench_features.py --images 512 --threads 2
 """
@@ -24,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torchvision.ops import roi_align
 
+from dsalign.cli_args import non_negative
 from dsalign.data.images import decode_rgb
 from dsalign.data.manifest import load_manifest, write_manifest
 from dsalign.data.prepare import prepare_dataset
@@ -107,6 +112,17 @@ def time_raw(backbone: Backbone, inputs: torch.Tensor, batch_size: int, crops: b
     return time.perf_counter() - start
 
 
+class FeedOnlyBackbone(Backbone):
+    """A stand-in CNN of next to no cost: every 32nd pixel (the real trunks' stride) through a 1 x 1 conv. A
+    pipeline around it runs as fast as the host prepares images, as it would beside a fast GPU."""
+
+    def __init__(self) -> None:
+        super().__init__("feed-only", nn.Conv2d(3, 3, 1), nn.Identity(), 3, (0.5,) * 3, (0.5,) * 3, "none")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images[:, :, 16::32, 16::32].float())
+
+
 def time_pipeline(src: Path, out: Path, extractor: FeatureExtractor) -> dict:
     """Seconds for extract_features over one chunk folder, with the images and regions it wrote."""
     start = time.perf_counter()
@@ -146,6 +162,21 @@ def summarise(raw: list[dict], pipelines: dict[str, list[dict]], flickr8k: bool)
     return out
 
 
+def summarise_feed(runs: dict[int, list[dict]]) -> dict:
+    """Images per second per worker count, and the ratio to the first count's rate (in line, by default) on the
+    same images, overall and as the median over the repeats."""
+    base = runs[next(iter(runs))]
+    out = {}
+    for workers, repeats in runs.items():
+        total = _total(repeats)
+        out[f"workers_{workers}"] = {
+            "images_per_s": total["images"] / total["seconds"],
+            "ratio_vs_first": _total(base)["seconds"] / total["seconds"],
+            "median_ratio_vs_first": statistics.median(b["seconds"] / r["seconds"] for b, r in zip(base, repeats)),
+            "best_images_per_s": max(r["images"] / r["seconds"] for r in repeats)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=512, help="images for the RoI path (default 512)")
@@ -159,7 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-k", type=int, default=19)
     parser.add_argument("--batch-size", type=int, default=default_batch_size("cpu"))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--workers", type=int, default=0, help="proposal threads of the pipeline (default 0)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="worker processes of the pipelines timed against the raw forward (default 0)")
+    parser.add_argument("--feed-workers", default="0,1,2", type=lambda text: [non_negative(w) for w in text.split(",")],
+                        help="comma list of worker process counts for the feed rate (default 0,1,2)")
+    parser.add_argument("--feed-repeats", type=int, default=3, help="feed-rate runs per worker count (default 3)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/features.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -171,6 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     cropper = FeatureExtractor(FeatureConfig(**{**vars(config), "regions": "grid", "pooling": "crop",
                                                 "crop_size": args.crop_size}),
                                batch_size=args.batch_size, backbone=backbone)
+    feeders = {w: FeatureExtractor(FeatureConfig(**{**vars(config), "backbone": "feed-only"}),
+                                   batch_size=32, backbone=FeedOnlyBackbone(), workers=w)
+               for w in args.feed_workers}
+    feed_runs: dict[int, list[dict]] = {w: [] for w in args.feed_workers}
     roi_runs: dict[str, list[dict]] = {r: [] for r in args.regions}
     raw_roi: list[dict] = []
     crop_runs: list[dict] = []
@@ -188,6 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
                 roi_runs[region].append(time_pipeline(folder, work / "out", extractor))
             print(f"chunk {i + 1}/{len(chunks)}: raw {seconds:.1f} s, "
                   + ", ".join(f"{r} {runs[-1]['seconds']:.1f} s" for r, runs in roi_runs.items()), file=sys.stderr)
+        feed_folder = chunk_folders(source, work, "feed", args.images, args.images)[0]  # one shard, as in a long run
+        for repeat in range(args.feed_repeats):
+            for w, feeder in feeders.items():
+                feed_runs[w].append(time_pipeline(feed_folder, work / "out", feeder))
+            print(f"feed {repeat + 1}/{args.feed_repeats}: "
+                  + ", ".join(f"{w} workers {runs[-1]['seconds']:.2f} s" for w, runs in feed_runs.items()),
+                  file=sys.stderr)
         crop_chunk = max(1, min(args.chunk, args.crop_images) // 4)
         for folder in chunk_folders(source, work, "crop", args.crop_images, crop_chunk):
             crops = cut_crops(decoded(folder, cropper.featurizer), backbone, args.top_k, args.crop_size)
@@ -203,12 +249,16 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "roi": summarise(raw_roi, {f"pipeline_{r}": runs for r, runs in roi_runs.items()}, name == "flickr8k"),
         "crop": summarise(raw_crop, {"pipeline_grid": crop_runs}, False),
+        "feed_selective_search": summarise_feed(feed_runs),
         "chunks": {"raw_roi": raw_roi, **{f"pipeline_{r}": runs for r, runs in roi_runs.items()},
-                   "raw_crop": raw_crop, "crop_pipeline_grid": crop_runs},
+                   "raw_crop": raw_crop, "crop_pipeline_grid": crop_runs,
+                   **{f"feed_workers_{w}": runs for w, runs in feed_runs.items()}},
     }
+    for extractor in (*extractors.values(), *feeders.values()):
+        extractor.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: results[k] for k in ("machine", "roi", "crop")}, indent=2))
+    print(json.dumps({k: results[k] for k in ("machine", "roi", "crop", "feed_selective_search")}, indent=2))
     return results
 
 

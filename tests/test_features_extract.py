@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from dsalign.data.shapes import generate_shapes
 from dsalign.data.shards import ShardWriter, iter_tar_samples, shard_paths
 from dsalign.features import cli as features_cli
 from dsalign.features.extract import FeatureConfig, FeatureExtractor, extract_features
+from dsalign.features.regions import GridRegions
 from dsalign.text import Vocabulary
 
 SIZE = 64  # small CNN input: these tests prove plumbing, test_features_model.py proves the features
@@ -103,14 +105,52 @@ def test_round_trip_written_equals_read_back(tmp_path, images_dir, extractor):
     assert fp16[0]["regions"].dtype == torch.float16
 
 
-def test_proposal_threads_give_identical_shards(tmp_path, images_dir, extractor):
-    config = FeatureConfig(regions="selective-search", top_k=5, image_size=SIZE)
+class _BatchedGrid(GridRegions):
+    """A grid that proposes for whole batches in the main process, as the detector does."""
+
+    per_image = False
+
+
+@pytest.mark.parametrize("source", ["selective-search", "batched"])
+def test_worker_processes_give_identical_shards(tmp_path, images_dir, extractor, source):
+    config = FeatureConfig(regions="grid" if source == "batched" else source, top_k=5, image_size=SIZE)
     outputs = []
     for workers in (0, 2):
-        threaded = FeatureExtractor(config, batch_size=1, backbone=extractor.backbone, workers=workers)
-        _run(images_dir, tmp_path / str(workers), threaded)
+        parallel = FeatureExtractor(config, batch_size=1, backbone=extractor.backbone, workers=workers,
+                                    source=_BatchedGrid(5) if source == "batched" else None)
+        try:
+            _run(images_dir, tmp_path / str(workers), parallel)
+            _run(images_dir, tmp_path / f"{workers}-again", parallel, overwrite=True)  # the workers serve again
+        finally:
+            parallel.close()
         outputs.append([p.read_bytes() for p in sorted((tmp_path / str(workers)).rglob("*.tar"))])
     assert outputs[0] == outputs[1] and len(outputs[0]) == 4
+
+
+class _DiesInWorkers(GridRegions):
+    """Kills the process it proposes in, unless that is the test's own."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
+        self.parent = os.getpid()
+
+    def propose(self, image, meta):
+        if os.getpid() != self.parent:
+            os._exit(3)
+        return super().propose(image, meta)
+
+
+def test_a_dead_worker_process_stops_the_run_with_one_line(tmp_path, images_dir, extractor):
+    config = FeatureConfig(regions="grid", top_k=3, image_size=SIZE)
+    dying = FeatureExtractor(config, batch_size=2, backbone=extractor.backbone, workers=1, source=_DiesInWorkers(3))
+    try:
+        with pytest.raises(RuntimeError, match="a feature worker process died .*rerun with --resume"):
+            _run(images_dir, tmp_path / "features", dying)
+    finally:
+        dying.close()
+    assert not list((tmp_path / "features").rglob("*.tar"))  # nothing half-written counts as finished
+    assert FeatureExtractor(config, batch_size=2, backbone=extractor.backbone,
+                            source=_DiesInWorkers(3)).extract([Image.new("RGB", (8, 8))])[0].boxes.shape == (4, 4)
 
 
 def test_box_geometry_appends_each_regions_box(tmp_path, images_dir, extractor):
@@ -143,21 +183,21 @@ def test_a_recorded_fingerprint_gives_back_its_config():
 def test_a_killed_run_resumes_without_recomputing_finished_shards(tmp_path, images_dir, extractor, monkeypatch):
     reference = _run(images_dir, tmp_path / "reference", extractor)
     out = tmp_path / "features"
-    flush = FeatureExtractor._flush
-    flushed: list[int] = []
+    write = FeatureExtractor._write
+    written: list[int] = []
 
-    def killed_in_second_shard(self, pending, writer, *args):
-        if pending:
-            flushed.append(len(pending))
-            if len(flushed) == 2:  # each 2-image shard is one batch: this dies inside train-000001
-                writer.write(pending[0].key, {"json": b"{}"})  # half written
+    def killed_in_second_shard(self, batch, writer, *args):
+        if batch:
+            written.append(len(batch))
+            if len(written) == 2:  # each 2-image shard is one batch: this dies inside train-000001
+                writer.write(batch[0].key, {"json": b"{}"})  # half written
                 raise KeyboardInterrupt
-        return flush(self, pending, writer, *args)
+        return write(self, batch, writer, *args)
 
-    monkeypatch.setattr(FeatureExtractor, "_flush", killed_in_second_shard)
+    monkeypatch.setattr(FeatureExtractor, "_write", killed_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
         _run(images_dir, out, extractor)
-    monkeypatch.setattr(FeatureExtractor, "_flush", flush)
+    monkeypatch.setattr(FeatureExtractor, "_write", write)
     kept = out / "train" / "train-000000.tar"
     kept_stamp = kept.stat().st_mtime_ns
     assert not (out / "train" / "train-000001.tar").exists() and not (out / "manifest.json").exists()
@@ -205,7 +245,8 @@ def test_ranks_split_the_shards_evenly_and_rank_zero_writes_the_manifest(tmp_pat
     assert manifest["splits"]["train"]["images"] == 6 and manifest["splits"]["val"]["images"] == 2
 
 
-def test_bad_inputs_are_skipped_and_counted(tmp_path, extractor):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_inputs_are_skipped_and_counted(tmp_path, extractor, workers):
     src = tmp_path / "images"
     good = [r for r in generate_shapes(3, "train", seed=2, image_size=64)]
     with ShardWriter(src / "train", "train") as writer:
@@ -228,7 +269,11 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, extractor):
     write_manifest(src, {"name": "bad", "vocab": "words.json", "vocab_size": 5, "splits": {"train": {
         "images": 4, "captions": 0, "shards": ["train/train-000000.tar", "train/train-000001.tar"], "skipped": {}}}})
 
-    manifest = _run(src, tmp_path / "features", extractor)
+    parallel = FeatureExtractor(extractor.config, batch_size=3, backbone=extractor.backbone, workers=workers)
+    try:
+        manifest = _run(src, tmp_path / "features", parallel)
+    finally:
+        parallel.close()
     counts = manifest["splits"]["train"]["skipped"]
     assert counts == {"bad_boxes": 1, "bad_image": 1, "corrupt_shard": 1, "missing_image": 1, "missing_metadata": 1}
     reasons = {(s["shard"], s["key"], s["reason"]) for s in manifest["skipped"]}

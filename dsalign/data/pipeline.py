@@ -43,6 +43,11 @@ class SampleError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self) -> tuple:
+        """Pickle as (reason, detail), not as the joined message: feature worker processes send skips back."""
+        return type(self), (self.reason, self.detail)
 
 
 def iter_shard(url: str, skips: Counter) -> Iterator[tuple[str, RawSample]]:

@@ -19,17 +19,23 @@ rank 0 writes ``manifest.json`` once every shard exists.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
 import time
-from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -136,6 +142,14 @@ class RegionFeatures:
     features: torch.Tensor
 
 
+def cnn_input(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 [S, S, 3], writable: the whole image squeezed to the CNN's input size (boxes are normalised, so the
+    aspect change needs no box correction)."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(image)
+
+
 class RegionFeaturizer:
     """Boxes + images → region features, batched across images (see the module docstring)."""
 
@@ -149,12 +163,13 @@ class RegionFeaturizer:
         self.device = next(backbone.parameters()).device
 
     def to_input(self, image: Image.Image) -> torch.Tensor:
-        """uint8 [3, S, S]: the whole image squeezed to the input size (boxes are normalised, so the aspect
-        change needs no box correction)."""
-        size = (self.image_size, self.image_size)
-        if image.size != size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        """uint8 [3, S, S]: :func:`cnn_input` as a channels-first tensor."""
+        return torch.from_numpy(cnn_input(image, self.image_size)).permute(2, 0, 1)
+
+    @staticmethod
+    def stack_inputs(pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 [B, 3, S, S] (contiguous) from :func:`cnn_input` arrays."""
+        return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, boxes: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -212,12 +227,67 @@ class ShardStats:
 
 
 @dataclass
-class _Pending:
+class PreparedImage:
+    """One image as the host hands it to the CNN: its input pixels and its region boxes, or, for a region source
+    that proposes for whole batches (the detector), the decoded image it still needs."""
+
+    pixels: np.ndarray  # uint8 [S, S, 3] from cnn_input
+    boxes: np.ndarray | None = None  # [R, 4] from select_regions
+    image: Image.Image | None = None  # only while boxes is None
+
+
+class ImagePreparer:
+    """The host's work on one image before the CNN: decode, resize to the CNN input and, with a per-image region
+    source, propose and select the regions. Holds no CUDA state, so worker processes run it (see
+    FeatureExtractor); a batched source stays in the main process."""
+
+    def __init__(self, config: FeatureConfig, source: RegionSource):
+        self.config = config
+        self.source = source if source.per_image else None
+
+    def __call__(self, encoded: bytes, meta: dict) -> PreparedImage | SampleError:
+        """An encoded image (PNG, JPEG, ...) prepared, or the SampleError that skips it."""
+        try:
+            image = decode_rgb(encoded)
+        except ValueError as exc:
+            return SampleError("bad_image", str(exc))
+        return self.from_image(image, meta)
+
+    def from_image(self, image: Image.Image, meta: dict) -> PreparedImage | SampleError:
+        pixels = cnn_input(image, self.config.image_size)
+        if self.source is None:
+            return PreparedImage(pixels, image=image)
+        proposals = self.source.propose_or_error(image, meta)
+        return proposals if isinstance(proposals, SampleError) else PreparedImage(pixels, self.select(proposals))
+
+    def select(self, proposals: Proposals) -> np.ndarray:
+        return select_regions(proposals, self.config.top_k, self.config.min_side, self.config.nms_iou)
+
+
+_worker_preparer: ImagePreparer | None = None  # set in each worker process by _start_worker
+
+
+def _start_worker(preparer: ImagePreparer) -> None:
+    global _worker_preparer
+    _worker_preparer = preparer
+    torch.set_num_threads(1)  # many workers beside the CNN's own threads: one each, as DataLoader workers do
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it stops the pool)
+
+
+def _prepare_in_worker(jobs: list[tuple[bytes, dict]]) -> list[PreparedImage | SampleError]:
+    assert _worker_preparer is not None
+    return [_worker_preparer(encoded, meta) for encoded, meta in jobs]
+
+
+# Images per worker task: one task per image spent ~0.8 ms of the main process per image on submitting.
+TASK_IMAGES = 8
+_Parsed = tuple[str, dict | None, bytes | PreparedImage | SampleError]  # key, metadata, image or its outcome
+
+
+class _Ready(NamedTuple):
     key: str
     meta: dict
-    image: Image.Image
-    tensor: torch.Tensor
-    proposals: Future | None = None  # computed by a worker thread while the CNN runs on the previous batch
+    prepared: PreparedImage
 
 
 class FeatureExtractor:
@@ -225,20 +295,23 @@ class FeatureExtractor:
 
     def __init__(self, config: FeatureConfig, device: str | torch.device = "cpu", batch_size: int | None = None,
                  backbone: Backbone | None = None, source: RegionSource | None = None, workers: int = 0):
-        """``batch_size`` None: :func:`default_batch_size` of the device. ``workers`` > 0: threads that
-        compute per-image region proposals (e.g. selective search) for the next batch while the CNN runs."""
+        """``batch_size`` None: :func:`default_batch_size` of the device. ``workers`` > 0: processes that decode
+        the images and propose their regions (:class:`ImagePreparer`) while the CNN runs; started on the first
+        shard, stopped by :meth:`close`."""
         batch_size = default_batch_size(device) if batch_size is None else batch_size
         if batch_size < 1 or workers < 0:
             raise ValueError(f"need batch size >= 1 and workers >= 0, got {batch_size} and {workers}")
         self.config = config
         self.batch_size = batch_size
+        self.workers = workers
         self.backbone = backbone or load_backbone(config.backbone, config.backbone_weights, device)
         self.source = source or make_region_source(
             config.regions, config.top_k, proposal_side=config.proposal_side, proposal_mode=config.proposal_mode,
             detector_weights=config.detector_weights, detector=config.detector,
             detector_size=config.detector_size, detector_score=config.detector_score, device=device)
         self.featurizer = RegionFeaturizer(self.backbone, config.image_size, config.pooling, config.crop_size)
-        self._pool = ThreadPoolExecutor(workers, "proposals") if workers and self.source.per_image else None
+        self.preparer = ImagePreparer(config, self.source)
+        self._pool: ProcessPoolExecutor | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -247,75 +320,90 @@ class FeatureExtractor:
     def settings(self) -> dict:
         return {**self.config.fingerprint(), "feature_dim": self.feature_dim}
 
-    def extract(self, images: Sequence[Image.Image], metas: Sequence[dict] | None = None,
-                tensors: Sequence[torch.Tensor] | None = None,
-                proposals: Sequence[Proposals | SampleError] | None = None) -> list[RegionFeatures | SampleError]:
-        """Regions and their features for RGB images (``metas`` carries given boxes; ``tensors`` and
-        ``proposals`` are passed when the caller already computed them)."""
+    def close(self) -> None:
+        """Stop the worker processes, if any started (a later shard starts new ones)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def extract(self, images: Sequence[Image.Image], metas: Sequence[dict] | None = None
+                ) -> list[RegionFeatures | SampleError]:
+        """Regions and their features for RGB images (``metas`` carries given boxes), in this process."""
         metas = metas if metas is not None else [{} for _ in images]
-        if proposals is None:
-            proposals = self.source.propose_batch(images, metas)
-        good = [i for i, p in enumerate(proposals) if not isinstance(p, SampleError)]
-        results: list[RegionFeatures | SampleError] = list(proposals)  # type: ignore[arg-type]
+        return self._featurize([self.preparer.from_image(image, meta) for image, meta in zip(images, metas)], metas)
+
+    def _featurize(self, prepared: Sequence[PreparedImage | SampleError], metas: Sequence[dict]
+                   ) -> list[RegionFeatures | SampleError]:
+        ready: list = list(prepared)
+        batched = [i for i, p in enumerate(ready) if isinstance(p, PreparedImage) and p.boxes is None]
+        if batched:
+            proposals = self.source.propose_batch([ready[i].image for i in batched], [metas[i] for i in batched])
+            for i, found in zip(batched, proposals):
+                ready[i] = found if isinstance(found, SampleError) else \
+                    PreparedImage(ready[i].pixels, self.preparer.select(found))
+        good = [i for i, p in enumerate(ready) if isinstance(p, PreparedImage)]
         if not good:
-            return results
-        boxes = [select_regions(proposals[i], self.config.top_k, self.config.min_side, self.config.nms_iou)
-                 for i in good]
-        inputs = torch.stack([tensors[i] if tensors is not None else self.featurizer.to_input(images[i])
-                              for i in good])
+            return ready
+        boxes = [ready[i].boxes for i in good]
+        inputs = self.featurizer.stack_inputs([ready[i].pixels for i in good])
         for i, b, f in zip(good, boxes, self.featurizer(inputs, boxes)):
             if self.config.box_geometry:
                 # A crop resized to the CNN's input forgets how big the region was and where; size and
                 # position words ("small", "big", "left") need it, so the box itself joins the feature.
                 f = torch.cat([f, torch.from_numpy(np.asarray(b, dtype=np.float32).reshape(-1, 4))], dim=1)
-            results[i] = RegionFeatures(b, f)
-        return results
+            ready[i] = RegionFeatures(b, f)
+        return ready
 
     def process_shard(self, url: str, out_path: Path, stats: ShardStats, bar: tqdm | None = None) -> None:
         """Featurise one input shard into ``out_path`` (atomically); counts go to ``stats``."""
         shard = AtomicShard(out_path)
         skips: Counter = Counter()
-        pending: list[_Pending] = []
-        ready: list[_Pending] = []  # one full batch waits, so its proposals overlap the next decoding
+        batch: list[_Ready] = []
         with shard.writer:
-            for key, raw in iter_shard(url, skips):
-                image_id = None
-                try:
-                    meta = decode_meta(raw)
-                    image_id = str(meta.get("image_id", key))
-                    pending.append(self._decode(key, meta, raw))
-                except SampleError as exc:
-                    stats.skip(exc.reason, key, image_id)
+            for key, meta, prepared in self._prepare_all(iter_shard(url, skips)):
+                if isinstance(prepared, SampleError):
+                    stats.skip(prepared.reason, key, None if meta is None else str(meta.get("image_id", key)))
                     _advance(bar)
-                if len(pending) == self.batch_size:
-                    self._flush(ready, shard.writer, stats, bar)
-                    ready, pending = pending, []
-            self._flush(ready, shard.writer, stats, bar)
-            self._flush(pending, shard.writer, stats, bar)
+                    continue
+                batch.append(_Ready(key, meta, prepared))
+                if len(batch) == self.batch_size:
+                    self._write(batch, shard.writer, stats, bar)
+                    batch = []
+            self._write(batch, shard.writer, stats, bar)
         for reason in skips.elements():  # a corrupt tar: the samples before the damage were kept
             stats.skip(reason)
         shard.commit(stats.to_json())
 
-    def _decode(self, key: str, meta: dict, raw: dict[str, bytes]) -> _Pending:
-        member = image_member(raw)
-        if member is None:
-            raise SampleError("missing_image")
-        try:
-            image = decode_rgb(member[1])
-        except ValueError as exc:
-            raise SampleError("bad_image", str(exc)) from exc
-        item = _Pending(key, meta, image, self.featurizer.to_input(image))
-        if self._pool is not None:
-            item.proposals = self._pool.submit(self.source.propose_or_error, image, meta)
-        return item
-
-    def _flush(self, pending: list[_Pending], writer: ShardWriter, stats: ShardStats, bar: tqdm | None) -> None:
-        if not pending:
+    def _prepare_all(self, samples: Iterator[tuple[str, dict[str, bytes]]]) -> Iterator[_Parsed]:
+        """Every sample prepared, in shard order: in line, or by the worker processes in tasks of
+        ``TASK_IMAGES`` images, up to ``2 x workers`` tasks and a batch ahead of the CNN."""
+        parsed = (_parse(key, raw) for key, raw in samples)
+        if not self.workers:
+            for key, meta, work in parsed:
+                yield key, meta, work if isinstance(work, SampleError) else self.preparer(work, meta)
             return
-        proposals = [p.proposals.result() for p in pending] if self._pool is not None else None
-        results = self.extract([p.image for p in pending], [p.meta for p in pending], [p.tensor for p in pending],
-                               proposals)
-        for item, result in zip(pending, results):
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=_worker_context(), initializer=_start_worker,
+                                             initargs=(self.preparer,))
+        ahead_limit = 2 * self.workers + -(-self.batch_size // TASK_IMAGES)
+        ahead: deque[tuple[list[_Parsed], Future]] = deque()
+        try:
+            while task := list(itertools.islice(parsed, TASK_IMAGES)):
+                jobs = [(work, meta) for _, meta, work in task if not isinstance(work, SampleError)]
+                ahead.append((task, self._pool.submit(_prepare_in_worker, jobs)))
+                while len(ahead) > ahead_limit:
+                    yield from _resolved(*ahead.popleft())
+            while ahead:
+                yield from _resolved(*ahead.popleft())
+        finally:  # stopped early (an error, Ctrl-C): drop the work queued for this shard
+            for _, future in ahead:
+                future.cancel()
+
+    def _write(self, batch: list[_Ready], writer: ShardWriter, stats: ShardStats, bar: tqdm | None) -> None:
+        if not batch:
+            return
+        results = self._featurize([item.prepared for item in batch], [item.meta for item in batch])
+        for item, result in zip(batch, results):
             _advance(bar)
             image_id = str(item.meta.get("image_id", item.key))
             if isinstance(result, SampleError):
@@ -337,17 +425,39 @@ class FeatureExtractor:
                 stats.no_boxes += 1
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """fork where the platform has it, as DataLoader workers: instant, and the region source is inherited (the
+    workers never touch CUDA, so a parent that holds a GPU context is fine)."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def _parse(key: str, raw: dict[str, bytes]) -> _Parsed:
+    """(key, metadata, encoded image), or the SampleError that skips the sample (metadata None if unreadable)."""
+    meta = None
+    try:
+        meta = decode_meta(raw)
+        member = image_member(raw)
+        if member is None:
+            raise SampleError("missing_image")
+        return key, meta, member[1]
+    except SampleError as exc:
+        return key, meta, exc
+
+
+def _resolved(task: list[_Parsed], future: Future) -> Iterator[_Parsed]:
+    """The task's samples with the worker's results in place of the encoded images."""
+    try:
+        results = iter(future.result())
+    except BrokenProcessPool as exc:
+        raise RuntimeError(f"a feature worker process died ({exc}); finished shards are kept: rerun with "
+                           "--resume, with fewer --workers if memory ran out") from exc
+    for key, meta, work in task:
+        yield key, meta, work if isinstance(work, SampleError) else next(results)
+
+
 def _advance(bar: tqdm | None) -> None:
     if bar is not None:
         bar.update(1)
-
-
-
-
-
-
-
-
 
 
 def _check_given_boxes(splits: dict[str, dict]) -> None:
@@ -453,8 +563,27 @@ def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureCon
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     _prepare_output(out, resume, overwrite, world_size)
-    extractor = extractor or FeatureExtractor(config or FeatureConfig(), process_device(device), batch_size,
-                                              workers=workers)
+    with contextlib.ExitStack() as owned:
+        if extractor is None:  # ours, closed at the end (a caller's keeps its worker processes for its next call)
+            extractor = owned.enter_context(contextlib.closing(
+                _new_extractor(config or FeatureConfig(), process_device(device), batch_size, workers)))
+        return _extract_all(src, out, source_manifest, vocab_path, extractor, rank, world_size, progress,
+                            wait_timeout, poll_s)
+
+
+def _new_extractor(config: FeatureConfig, device: torch.device, batch_size: int | None, workers: int
+                   ) -> FeatureExtractor:
+    if device.type != "cpu" and not workers:
+        log.warning("features: images are decoded and their regions proposed in this process, which keeps the %s "
+                    "waiting; --workers N (a few per GPU, up to the CPU cores) does that work in N processes",
+                    device.type.upper())
+    return FeatureExtractor(config, device, batch_size, workers=workers)
+
+
+def _extract_all(src: Path, out: Path, source_manifest: dict, vocab_path: Path, extractor: FeatureExtractor,
+                 rank: int, world_size: int, progress: bool, wait_timeout: float | None, poll_s: float
+                 ) -> dict | None:
+    """The shards of this rank, then (rank 0) the manifest once every rank's shards exist."""
     settings = extractor.settings()
 
     jobs = [(split, rel) for split, info in sorted(source_manifest["splits"].items()) for rel in info["shards"]]

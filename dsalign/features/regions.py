@@ -77,8 +77,8 @@ def select_regions(proposals: Proposals, top_k: int, min_side: float = 0.05, nms
 class RegionSource:
     """Proposes candidate boxes for a batch of images. ``metas`` are the samples' JSON metadata.
 
-    ``per_image`` sources work image by image (so worker threads can run them alongside the CNN; OpenCV
-    releases the GIL); the detector works on whole batches.
+    ``per_image`` sources work image by image (so worker processes can run them alongside the CNN); the
+    detector works on whole batches.
     """
 
     name = ""
@@ -164,19 +164,20 @@ class SelectiveSearch(RegionSource):
     single_min_fraction = 1 / 300  # minimum segment, as a fraction of the proposal image's pixels
 
     def __init__(self, max_side: int = 64, mode: str = PROPOSAL_MODES[0]):
-        import cv2
+        import cv2  # imported where used, not kept: a module attribute would stop the source pickling
 
         if not hasattr(cv2, "ximgproc"):
             raise RuntimeError("selective search needs opencv-contrib (pip install opencv-contrib-python-headless)")
         if mode not in PROPOSAL_MODES:
             raise ValueError(f"unknown selective search mode {mode!r} (choose from: {', '.join(PROPOSAL_MODES)})")
-        self._cv2 = cv2
         self.max_side = max_side
         self.mode = mode
 
     def _search(self, bgr: np.ndarray) -> Any:
-        """A configured OpenCV segmentation object (one per call: worker threads propose concurrently)."""
-        segmentation = self._cv2.ximgproc.segmentation
+        """A configured OpenCV segmentation object, one per call."""
+        import cv2
+
+        segmentation = cv2.ximgproc.segmentation
         search = segmentation.createSelectiveSearchSegmentation()
         search.setBaseImage(bgr)
         if self.mode == "fast":
@@ -185,7 +186,7 @@ class SelectiveSearch(RegionSource):
         search.clearImages()
         search.clearGraphSegmentations()
         search.clearStrategies()
-        search.addImage(self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2HSV))
+        search.addImage(cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV))
         min_size = max(1, round(bgr.shape[0] * bgr.shape[1] * self.single_min_fraction))
         search.addGraphSegmentation(segmentation.createGraphSegmentation(self.single_sigma, self.single_k, min_size))
         strategy = segmentation.createSelectiveSearchSegmentationStrategyMultiple()
@@ -197,6 +198,8 @@ class SelectiveSearch(RegionSource):
         return search
 
     def propose(self, image: Image.Image, meta: dict) -> Proposals:
+        import cv2
+
         scale = self.max_side / max(image.size)
         if scale < 1:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -204,7 +207,7 @@ class SelectiveSearch(RegionSource):
         bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
         try:
             rects = np.asarray(self._search(bgr).process(), dtype=np.float64).reshape(-1, 4)
-        except self._cv2.error as exc:
+        except cv2.error as exc:
             raise SampleError("bad_regions", str(exc).strip().splitlines()[-1]) from exc
         width, height = image.size
         boxes = np.stack([rects[:, 0] / width, rects[:, 1] / height,

@@ -47,12 +47,30 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-def gather_padded(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather features [b, L, D] and mask [b, L] from all ranks, padding L to the largest over ranks first
+_host_group: tuple[object, dist.ProcessGroup] | None = None  # (the world it belongs to, the group)
+
+
+def host_group() -> dist.ProcessGroup:
+    """A gloo group over every rank, for exchanging host-side numbers (tensor lengths) without a device sync: a
+    NCCL collective on a GPU tensor would have to be read back with ``int()``, which waits for all the GPU work
+    queued before it. Made on first use (every rank gets here in the same step) and again for a new world."""
+    global _host_group
+    if _host_group is None or _host_group[0] is not dist.group.WORLD:
+        _host_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
+    return _host_group[1]
+
+
+def longest_over_ranks(*lengths: int) -> list[int]:
+    """Each of these host-side lengths, maxed over all ranks in one exchange."""
+    longest = torch.tensor(lengths, dtype=torch.long)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=host_group())
+    return longest.tolist()
+
+
+def gather_padded(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather features [b, L, D] and mask [b, L] from all ranks, padded to ``length`` >= every rank's L first
     (each rank's collate pads to its own batch's longest sentence / most regions)."""
-    length = torch.tensor([features.shape[1]], dtype=torch.long, device=features.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    pad = int(length) - features.shape[1]
+    pad = length - features.shape[1]
     features = F.pad(features, (0, 0, 0, pad))
     mask = F.pad(mask.to(torch.uint8), (0, pad))
     masks = [torch.empty_like(mask) for _ in range(dist.get_world_size())]
@@ -71,8 +89,9 @@ def alignment_loss(regions: torch.Tensor, region_mask: torch.Tensor, words: torc
     if world_size == 1:
         scores = score(regions, region_mask, words, word_mask, backend)
         return local_ranking_loss(scores, scores, 0, 0, margin, hardest_negative)
-    all_regions, all_region_mask = gather_padded(regions, region_mask)
-    all_words, all_word_mask = gather_padded(words, word_mask)
+    most_regions, most_words = longest_over_ranks(regions.shape[1], words.shape[1])
+    all_regions, all_region_mask = gather_padded(regions, region_mask, most_regions)
+    all_words, all_word_mask = gather_padded(words, word_mask, most_words)
     offset = rank * regions.shape[0]
     image_rows = score(regions, region_mask, all_words, all_word_mask, backend)
     sentence_cols = score(all_regions, all_region_mask, words, word_mask, backend)
