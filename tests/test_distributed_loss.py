@@ -4,6 +4,8 @@ global batch, for plain autograd and for the DeepSpeed engine at ZeRO 0/1/2."""
 from __future__ import annotations
 
 import os
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -12,7 +14,7 @@ import torch.multiprocessing as mp
 from dsalign.models.alignment import AlignmentConfig, AlignmentModel
 from dsalign.models.losses import ranking_loss
 from dsalign.ops.score import score
-from dsalign.train.distributed import alignment_loss
+from dsalign.train.distributed import alignment_loss, init_host_group, longest_over_ranks
 from dsalign.train.runtime import clip_gradients
 
 WORLD = 2
@@ -144,3 +146,29 @@ def test_single_process_loss_is_the_whole_loss() -> None:
     regions, region_mask, tokens, token_mask = _collate(_global_batch())
     v, s = model(regions.double(), region_mask, tokens, token_mask)
     torch.testing.assert_close(alignment_loss(v, region_mask, s, token_mask, backend="torch_chunked"), ref_loss)
+
+
+def _host_exchange(rank: int, store_file: str) -> None:
+    # "cpu:gloo" is not plain "gloo", so the world gets its own host group, as a NCCL world does
+    dist.init_process_group("cpu:gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    init_host_group(timedelta(seconds=1))
+    assert longest_over_ranks(3 + rank, 7 - rank) == [4, 7]
+    if rank == 1:
+        time.sleep(4)  # a hung rank
+    else:
+        start = time.monotonic()
+        try:
+            longest_over_ranks(1, 2)
+        except RuntimeError as exc:
+            assert "Timed out" in str(exc), exc
+        else:
+            raise AssertionError("the exchange with a hung rank returned")
+        waited = time.monotonic() - start
+        assert waited < 3, f"waited {waited:.1f} s, not the host group's 1 s"
+    os._exit(0)  # no orderly teardown of a world whose collective timed out
+
+
+def test_host_numbers_are_exchanged_with_the_runs_timeout(tmp_path) -> None:
+    """The padding lengths go over a gloo group made with distributed.timeout_s (not torch's 30 minutes)."""
+    mp.spawn(_host_exchange, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)

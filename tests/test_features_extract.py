@@ -7,7 +7,11 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,30 +131,96 @@ def test_worker_processes_give_identical_shards(tmp_path, images_dir, extractor,
     assert outputs[0] == outputs[1] and len(outputs[0]) == 4
 
 
-class _DiesInWorkers(GridRegions):
-    """Kills the process it proposes in, unless that is the test's own."""
+class _DiesOnceInAWorker(GridRegions):
+    """Kills the worker process it proposes in at its ``die_at``-th image, once (``marker`` remembers)."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, marker: Path, die_at: int):
         super().__init__(count)
-        self.parent = os.getpid()
+        self.parent, self.marker, self.die_at, self.seen = os.getpid(), marker, die_at, 0
 
     def propose(self, image, meta):
-        if os.getpid() != self.parent:
+        self.seen += 1
+        if os.getpid() != self.parent and self.seen == self.die_at and not self.marker.exists():
+            self.marker.touch()
             os._exit(3)
         return super().propose(image, meta)
 
 
-def test_a_dead_worker_process_stops_the_run_with_one_line(tmp_path, images_dir, extractor):
+def test_a_dead_worker_process_stops_the_run_with_one_line(tmp_path, extractor):
+    src = tmp_path / "images"  # one shard of 5 worker tasks: the worker dies with tasks queued and still to come
+    prepare_dataset(list(generate_shapes(40, "train", seed=3, image_size=64)), src, "shapes", shard_size=40,
+                    min_count=1, progress=False)
     config = FeatureConfig(regions="grid", top_k=3, image_size=SIZE)
-    dying = FeatureExtractor(config, batch_size=2, backbone=extractor.backbone, workers=1, source=_DiesInWorkers(3))
+    dying = FeatureExtractor(config, batch_size=2, backbone=extractor.backbone, workers=1,
+                             source=_DiesOnceInAWorker(3, tmp_path / "died", die_at=20))
     try:
         with pytest.raises(RuntimeError, match="a feature worker process died .*rerun with --resume"):
-            _run(images_dir, tmp_path / "features", dying)
+            _run(src, tmp_path / "features", dying)
+        assert not (tmp_path / "features" / "train" / "train-000000.tar").exists()  # the half shard is no shard
+        _run(src, tmp_path / "features", dying, resume=True)  # the same extractor starts new workers
     finally:
         dying.close()
-    assert not list((tmp_path / "features").rglob("*.tar"))  # nothing half-written counts as finished
-    assert FeatureExtractor(config, batch_size=2, backbone=extractor.backbone,
-                            source=_DiesInWorkers(3)).extract([Image.new("RGB", (8, 8))])[0].boxes.shape == (4, 4)
+    in_line = FeatureExtractor(config, batch_size=2, backbone=extractor.backbone)
+    _run(src, tmp_path / "in-line", in_line)
+    shard = Path("train") / "train-000000.tar"
+    assert (tmp_path / "features" / shard).read_bytes() == (tmp_path / "in-line" / shard).read_bytes()
+
+
+_KILLED_MAIN = """
+import sys, threading, time
+import torch
+from torch import nn
+from dsalign.features.backbones import Backbone
+from dsalign.features.extract import FeatureConfig, FeatureExtractor, extract_features
+from dsalign.features.regions import GridRegions
+
+class SlowGrid(GridRegions):
+    def propose(self, image, meta):
+        time.sleep(0.2)
+        return super().propose(image, meta)
+
+backbone = Backbone("tiny", nn.Conv2d(3, 3, 1), nn.Identity(), 3, (0.5,) * 3, (0.5,) * 3, "none")
+extractor = FeatureExtractor(FeatureConfig(regions="grid", top_k=3, image_size=64), batch_size=2,
+                             backbone=backbone, source=SlowGrid(3), workers=2)
+
+def report_workers():
+    while extractor._pool is None or len(extractor._pool._processes) < 2:
+        time.sleep(0.05)
+    print(*extractor._pool._processes, flush=True)
+
+threading.Thread(target=report_workers, daemon=True).start()
+extract_features(sys.argv[1], sys.argv[2], extractor.config, extractor=extractor, progress=False)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_worker_processes_end_when_their_main_process_is_killed(tmp_path, images_dir):
+    script = tmp_path / "killed_main.py"
+    script.write_text(_KILLED_MAIN)
+    main = subprocess.Popen([sys.executable, str(script), str(images_dir), str(tmp_path / "features")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in main.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(pid) for pid in workers)
+    finally:
+        main.kill()  # SIGKILL: no clean-up of its own runs
+        main.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = [pid for pid in workers if _running(pid)]
+    for pid in orphans:  # a failing run must not leave them behind
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, "orphaned workers kept running"
+    assert main.stdout.read() == ""  # end of file: no orphan holds the pipe open
 
 
 def test_box_geometry_appends_each_regions_box(tmp_path, images_dir, extractor):

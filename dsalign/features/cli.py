@@ -71,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--threads", type=bounded(int, 1), help="CPU threads for torch (default: torch's choice)")
     cmd.add_argument("--workers", type=bounded(int, 0), default=0,
                      help="processes that decode images and propose their regions while the CNN runs (default 0: "
-                          "in line, in this process). A GPU needs them: one process prepares ~220 Flickr8k images/s "
+                          "in line, in this process). A GPU needs them: one process prepares ~230 Flickr8k images/s "
                           "with selective search; give it the CPU cores it has. On 2 CPU cores: --threads 1 "
                           "--workers 1")
     cmd.add_argument("--resume", action="store_true", help="keep finished output shards, redo the rest")

@@ -28,6 +28,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -267,11 +269,20 @@ class ImagePreparer:
 _worker_preparer: ImagePreparer | None = None  # set in each worker process by _start_worker
 
 
-def _start_worker(preparer: ImagePreparer) -> None:
+def _start_worker(preparer: ImagePreparer, parent: int) -> None:
     global _worker_preparer
     _worker_preparer = preparer
     torch.set_num_threads(1)  # many workers beside the CNN's own threads: one each, as DataLoader workers do
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it stops the pool)
+    threading.Thread(target=_exit_without, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_without(parent: int, poll_s: float = 0.5) -> None:
+    """End this worker once its main process is gone (killed for memory, SIGKILL, SIGTERM): nothing would stop it
+    otherwise, and it would keep the main process's stdout open (a ``| tee`` would never end)."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
 
 
 def _prepare_in_worker(jobs: list[tuple[bytes, dict]]) -> list[PreparedImage | SampleError]:
@@ -384,7 +395,7 @@ class FeatureExtractor:
             return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=_worker_context(), initializer=_start_worker,
-                                             initargs=(self.preparer,))
+                                             initargs=(self.preparer, os.getpid()))
         ahead_limit = 2 * self.workers + -(-self.batch_size // TASK_IMAGES)
         ahead: deque[tuple[list[_Parsed], Future]] = deque()
         try:
@@ -395,6 +406,10 @@ class FeatureExtractor:
                     yield from _resolved(*ahead.popleft())
             while ahead:
                 yield from _resolved(*ahead.popleft())
+        except BrokenProcessPool as exc:  # from submit or from a result, whichever came first after the death
+            self.close()  # the next shard (or call) starts new workers
+            raise RuntimeError(f"a feature worker process died ({exc}); finished shards are kept: rerun with "
+                               "--resume, with fewer --workers if memory ran out") from exc
         finally:  # stopped early (an error, Ctrl-C): drop the work queued for this shard
             for _, future in ahead:
                 future.cancel()
@@ -426,9 +441,9 @@ class FeatureExtractor:
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """fork where the platform has it, as DataLoader workers: instant, and the region source is inherited (the
-    workers never touch CUDA, so a parent that holds a GPU context is fine)."""
-    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    """fork on Linux, as DataLoader workers: instant, and the region source is inherited (the workers never touch
+    CUDA, so a parent that holds a GPU context is fine); spawn elsewhere (fork is unsafe on macOS)."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 def _parse(key: str, raw: dict[str, bytes]) -> _Parsed:
@@ -446,11 +461,7 @@ def _parse(key: str, raw: dict[str, bytes]) -> _Parsed:
 
 def _resolved(task: list[_Parsed], future: Future) -> Iterator[_Parsed]:
     """The task's samples with the worker's results in place of the encoded images."""
-    try:
-        results = iter(future.result())
-    except BrokenProcessPool as exc:
-        raise RuntimeError(f"a feature worker process died ({exc}); finished shards are kept: rerun with "
-                           "--resume, with fewer --workers if memory ran out") from exc
+    results = iter(future.result())
     for key, meta, work in task:
         yield key, meta, work if isinstance(work, SampleError) else next(results)
 

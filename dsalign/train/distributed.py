@@ -9,6 +9,8 @@ the part of dL/dθ that flows through its own samples, and the sum over ranks is
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
@@ -47,23 +49,27 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-_host_group: tuple[object, dist.ProcessGroup] | None = None  # (the world it belongs to, the group)
+_host_group: tuple[object, dist.ProcessGroup | None] | None = None  # (its world, the group; None = the world)
 
 
-def host_group() -> dist.ProcessGroup:
-    """A gloo group over every rank, for exchanging host-side numbers (tensor lengths) without a device sync: a
-    NCCL collective on a GPU tensor would have to be read back with ``int()``, which waits for all the GPU work
-    queued before it. Made on first use (every rank gets here in the same step) and again for a new world."""
+def init_host_group(timeout: timedelta | None = None) -> None:
+    """Choose the group for exchanging host-side numbers (tensor lengths) without a device sync: a NCCL collective
+    on a GPU tensor would have to be read back with ``int()``, which waits for all the GPU work queued before it.
+    A gloo world serves itself; otherwise a gloo group over every rank is made (a collective: every rank calls
+    this at the same point). The trainer calls it at start-up with ``distributed.timeout_s``; without that, the
+    first :func:`longest_over_ranks` of a world does, with torch's default timeout."""
     global _host_group
-    if _host_group is None or _host_group[0] is not dist.group.WORLD:
-        _host_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
-    return _host_group[1]
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    _host_group = (dist.group.WORLD, group)
 
 
 def longest_over_ranks(*lengths: int) -> list[int]:
     """Each of these host-side lengths, maxed over all ranks in one exchange."""
+    if _host_group is None or _host_group[0] is not dist.group.WORLD:
+        init_host_group()
+    assert _host_group is not None
     longest = torch.tensor(lengths, dtype=torch.long)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=host_group())
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=_host_group[1])
     return longest.tolist()
 
 

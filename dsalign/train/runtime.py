@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dsalign.train.config import ConfigError, RunConfig
+from dsalign.train.distributed import init_host_group
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -61,6 +62,8 @@ def init_distributed(config: RunConfig, device: torch.device) -> tuple[int, int]
         # DeepSpeed compiles a shared-memory all-reduce for CPU on first use (~60 s); gloo alone is enough.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    if dist.get_world_size() > 1:
+        init_host_group(timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
