@@ -88,7 +88,7 @@ def test_epochs_read_ahead_yield_the_batches_of_each_epoch_in_turn(dataset, work
     urls = shard_paths(out, "train")
 
     def loader():
-        stream = _stream(urls, vocab, "train", batches_per_rank=3, shuffle_buffer=6, num_workers=workers)
+        stream = _stream(urls, vocab, "train", batches_per_rank=3, shuffle_buffer=6)
         return ShardLoader(stream, num_workers=workers)
 
     def alone(epoch):

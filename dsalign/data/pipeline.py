@@ -211,9 +211,8 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], decoder: Decoder, collate: Collate, batch_size: int,
-                 mode: str = "train", batches_per_rank: int | None = None, num_workers: int = 0,
-                 shuffle_buffer: int = 1000, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None):
+                 mode: str = "train", batches_per_rank: int | None = None, shuffle_buffer: int = 1000,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if not urls:
@@ -227,7 +226,6 @@ class ShardStream(IterableDataset):
         self.decoder, self.collate = decoder, collate
         self.batch_size, self.mode = batch_size, mode
         self.batches_per_rank = batches_per_rank
-        self.num_workers = num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size

@@ -169,7 +169,7 @@ def alignment_task(ctx: RunContext) -> TrainTask:
     decoder = FeatureSampleDecoder(vocab, config.data.max_len, feature_dim, keep_fp16=True)
     stream = ShardStream(shard_paths(features, config.data.train_split), decoder, collate_features,
                          t.batch_size, mode="train", batches_per_rank=t.batches_per_epoch,
-                         num_workers=config.data.num_workers, shuffle_buffer=config.data.shuffle_buffer,
+                         shuffle_buffer=config.data.shuffle_buffer,
                          seed=t.seed, rank=ctx.rank, world_size=ctx.world_size)
     device = ctx.device
     # page-locked batches copy to the GPU without blocking the host

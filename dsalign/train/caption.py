@@ -92,8 +92,8 @@ def caption_task(ctx: RunContext) -> TrainTask:
         model.init_output_bias(word_counts(vocab, sentences, d.snippets if d.level == "region" else None,
                                            d.train_split))
     stream = ShardStream(urls, decoder, collate_sentences, t.batch_size, mode="train",
-                         batches_per_rank=t.batches_per_epoch, num_workers=d.num_workers,
-                         shuffle_buffer=d.shuffle_buffer, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size)
+                         batches_per_rank=t.batches_per_epoch, shuffle_buffer=d.shuffle_buffer, seed=t.seed,
+                         rank=ctx.rank, world_size=ctx.world_size)
     device, world_size = ctx.device, ctx.world_size
     loader = ShardLoader(stream, num_workers=d.num_workers, pin_memory=device.type == "cuda")
 
