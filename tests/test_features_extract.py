@@ -489,3 +489,17 @@ def test_each_launched_process_takes_its_own_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert process_device("cuda") == torch.device("cuda", 3)
     assert process_device("cuda:1") == torch.device("cuda", 1) and process_device("cpu") == torch.device("cpu")
+
+
+def test_gpu_runs_get_worker_processes_by_default(monkeypatch):
+    """A GPU's CNN outruns one process decoding and proposing many times over: by default each launched process
+    gets its share of the cores, less the one it runs on; CPU runs keep the cores for the CNN's threads."""
+    from dsalign.features.extract import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers("cpu") == 0 and default_workers("cuda") == 8 and default_workers("cuda:1") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc-per-node 4
+    assert default_workers("cuda") == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_workers("cuda") == 1

@@ -69,11 +69,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="images per CNN batch (default 4 on CPU, where small batches run fastest; 32 on GPU)")
     cmd.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     cmd.add_argument("--threads", type=bounded(int, 1), help="CPU threads for torch (default: torch's choice)")
-    cmd.add_argument("--workers", type=bounded(int, 0), default=0,
-                     help="processes that decode images and propose their regions while the CNN runs (default 0: "
-                          "in line, in this process). A GPU needs them: one process prepares ~230 Flickr8k images/s "
-                          "with selective search; give it the CPU cores it has. On 2 CPU cores: --threads 1 "
-                          "--workers 1")
+    cmd.add_argument("--workers", type=bounded(int, 0),
+                     help="processes that decode images and propose their regions while the CNN runs; 0: in line, "
+                          "in this process (default: 0 on CPU; on a GPU, whose CNN outruns one such process (~230 "
+                          "Flickr8k images/s with selective search) many times over, this process's share of the "
+                          "CPU cores less one, 1 to 8). On 2 CPU cores: --threads 1 --workers 1")
     cmd.add_argument("--resume", action="store_true", help="keep finished output shards, redo the rest")
     cmd.add_argument("--overwrite", action="store_true", help="replace an existing feature folder")
     cmd.add_argument("--wait-timeout", type=bounded(float, 0.0),

@@ -136,6 +136,16 @@ def default_batch_size(device: str | torch.device) -> int:
     return 4 if torch.device(device).type == "cpu" else 32
 
 
+def default_workers(device: str | torch.device) -> int:
+    """Worker processes for decoding and proposals: none on CPU, where the CNN's threads take the cores; on an
+    accelerator, whose CNN outruns one preparing process many times over, this process's share of the CPU cores
+    (``LOCAL_WORLD_SIZE`` processes per node) less the one it runs on, 1 to 8."""
+    if torch.device(device).type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1))
+
+
 @dataclass
 class RegionFeatures:
     """One image's regions: boxes [R, 4] (normalised, region 0 = whole image) and features [R, F] float32."""
@@ -305,11 +315,12 @@ class FeatureExtractor:
     """Backbone + region source + featurizer: decoded images in, region boxes and features out."""
 
     def __init__(self, config: FeatureConfig, device: str | torch.device = "cpu", batch_size: int | None = None,
-                 backbone: Backbone | None = None, source: RegionSource | None = None, workers: int = 0):
+                 backbone: Backbone | None = None, source: RegionSource | None = None, workers: int | None = None):
         """``batch_size`` None: :func:`default_batch_size` of the device. ``workers`` > 0: processes that decode
         the images and propose their regions (:class:`ImagePreparer`) while the CNN runs; started on the first
-        shard, stopped by :meth:`close`."""
+        shard, stopped by :meth:`close`; None: :func:`default_workers` of the device."""
         batch_size = default_batch_size(device) if batch_size is None else batch_size
+        workers = default_workers(device) if workers is None else workers
         if batch_size < 1 or workers < 0:
             raise ValueError(f"need batch size >= 1 and workers >= 0, got {batch_size} and {workers}")
         self.config = config
@@ -550,7 +561,7 @@ def _wait_for(paths: list[Path], timeout: float | None, poll: float) -> None:
 
 
 def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureConfig | None = None, *,
-                     device: str | torch.device = "cpu", batch_size: int | None = None, workers: int = 0,
+                     device: str | torch.device = "cpu", batch_size: int | None = None, workers: int | None = None,
                      resume: bool = False,
                      overwrite: bool = False, rank: int | None = None, world_size: int | None = None,
                      progress: bool = True, extractor: FeatureExtractor | None = None,
@@ -582,13 +593,13 @@ def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureCon
                             wait_timeout, poll_s)
 
 
-def _new_extractor(config: FeatureConfig, device: torch.device, batch_size: int | None, workers: int
+def _new_extractor(config: FeatureConfig, device: torch.device, batch_size: int | None, workers: int | None
                    ) -> FeatureExtractor:
-    if device.type != "cpu" and not workers:
-        log.warning("features: images are decoded and their regions proposed in this process, which keeps the %s "
-                    "waiting; --workers N (a few per GPU, up to the CPU cores) does that work in N processes",
-                    device.type.upper())
-    return FeatureExtractor(config, device, batch_size, workers=workers)
+    extractor = FeatureExtractor(config, device, batch_size, workers=workers)
+    if device.type != "cpu" and not extractor.workers:
+        log.warning("features: --workers 0: images are decoded and their regions proposed in this process, which "
+                    "keeps the %s waiting", device.type.upper())
+    return extractor
 
 
 def _extract_all(src: Path, out: Path, source_manifest: dict, vocab_path: Path, extractor: FeatureExtractor,
