@@ -10,6 +10,7 @@ with selective search over all N images as one shard, around a stand-in CNN that
 accelerator's CNN, in line (0) and with worker processes decoding and proposing. Writes JSON (``--out``).
 
     .venv/bin/python benchmarks/bench_features.py --images 512 --threads 2
+    python benchmarks/bench_features.py --device cuda --threads 4 --workers 8 --feed-workers 0,4,8,14   # a GPU node
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def cut_crops(inputs: torch.Tensor, backbone: Backbone, top_k: int, crop_size: i
     """The crops the crop path makes (whole image + grid regions), cut beforehand for the raw forward."""
     boxes = np.concatenate([[[0.0, 0.0, 1.0, 1.0]], grid_boxes(top_k)]) * inputs.shape[-1]
     rois = torch.cat([torch.cat([torch.full((len(boxes), 1), float(i)), torch.from_numpy(boxes).float()], 1)
-                      for i in range(len(inputs))])
+                      for i in range(len(inputs))]).to(inputs.device)
     with torch.inference_mode():
         return roi_align(backbone.normalize(inputs), rois, crop_size, 1.0, 0, True)
 
@@ -109,6 +110,8 @@ def time_raw(backbone: Backbone, inputs: torch.Tensor, batch_size: int, crops: b
     start = time.perf_counter()
     for batch in inputs.split(batch_size):
         backbone.pool(backbone.trunk(batch) if crops else backbone(batch))
+    if inputs.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -188,24 +191,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--crop-size", type=int, default=112)
     parser.add_argument("--top-k", type=int, default=19)
-    parser.add_argument("--batch-size", type=int, default=default_batch_size("cpu"))
+    parser.add_argument("--device", default="cpu", help="the CNN's device, e.g. cuda (default cpu)")
+    parser.add_argument("--batch-size", type=int, help="images per CNN batch (default: 4 on CPU, 32 on GPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes of the pipelines timed against the raw forward (default 0)")
     parser.add_argument("--feed-workers", default="0,1,2", type=lambda text: [non_negative(w) for w in text.split(",")],
                         help="comma list of worker process counts for the feed rate (default 0,1,2)")
     parser.add_argument("--feed-repeats", type=int, default=3, help="feed-rate runs per worker count (default 3)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/features.json"))
+    parser.add_argument("--out", type=Path,
+                        help="JSON file (default benchmarks/results/features.json, features_cuda.json on a GPU)")
     args = parser.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    args.batch_size = args.batch_size or default_batch_size(args.device)
+    args.out = args.out or Path(f"benchmarks/results/features{'_cuda' if cuda else ''}.json")
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, device=args.device)
     config = FeatureConfig(args.backbone, top_k=args.top_k, image_size=args.image_size)
-    extractors = {r: FeatureExtractor(FeatureConfig(**{**vars(config), "regions": r}), batch_size=args.batch_size,
+    extractors = {r: FeatureExtractor(FeatureConfig(**{**vars(config), "regions": r}), args.device, args.batch_size,
                                       backbone=backbone, workers=args.workers) for r in args.regions}
     cropper = FeatureExtractor(FeatureConfig(**{**vars(config), "regions": "grid", "pooling": "crop",
                                                 "crop_size": args.crop_size}),
-                               batch_size=args.batch_size, backbone=backbone)
+                               args.device, args.batch_size, backbone=backbone, workers=args.workers)
     feeders = {w: FeatureExtractor(FeatureConfig(**{**vars(config), "backbone": "feed-only"}),
                                    batch_size=32, backbone=FeedOnlyBackbone(), workers=w)
                for w in args.feed_workers}
@@ -218,9 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         source, name = source_folder(work, max(args.images, args.crop_images), args.data)
         chunks = chunk_folders(source, work, "roi", args.images, args.chunk)
-        time_raw(backbone, decoded(chunks[0], cropper.featurizer)[: args.batch_size], args.batch_size)  # warm-up
+        time_raw(backbone, decoded(chunks[0], cropper.featurizer)[: args.batch_size].to(args.device),
+                 args.batch_size)  # warm-up
         for i, folder in enumerate(chunks):
-            inputs = decoded(folder, cropper.featurizer)
+            inputs = decoded(folder, cropper.featurizer).to(args.device)
             seconds = time_raw(backbone, inputs, args.batch_size)
             raw_roi.append({"seconds": seconds, "images": len(inputs), "regions": len(inputs)})
             for region, extractor in extractors.items():
@@ -236,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
                   file=sys.stderr)
         crop_chunk = max(1, min(args.chunk, args.crop_images) // 4)
         for folder in chunk_folders(source, work, "crop", args.crop_images, crop_chunk):
-            crops = cut_crops(decoded(folder, cropper.featurizer), backbone, args.top_k, args.crop_size)
+            crops = cut_crops(decoded(folder, cropper.featurizer).to(args.device), backbone, args.top_k,
+                              args.crop_size)
             seconds = time_raw(backbone, crops, cropper.featurizer.crop_batch, crops=True)
             raw_crop.append({"seconds": seconds, "images": len(crops) // (args.top_k + 1), "regions": len(crops)})
             crop_runs.append(time_pipeline(folder, work / "out", cropper))
@@ -245,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
         "data": name,
         "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
                     "python": platform.python_version(), "loadavg_1_5_15_before": load_before,
-                    "loadavg_1_5_15_after": os.getloadavg()},
+                    "loadavg_1_5_15_after": os.getloadavg(),
+                    "device": torch.cuda.get_device_name(args.device) if cuda else "cpu"},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "roi": summarise(raw_roi, {f"pipeline_{r}": runs for r, runs in roi_runs.items()}, name == "flickr8k"),
         "crop": summarise(raw_crop, {"pipeline_grid": crop_runs}, False),

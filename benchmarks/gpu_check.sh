@@ -4,14 +4,16 @@
 #   2. the Triton MaxSim kernel and the score op against their references on CUDA (pytest);
 #   3. benchmarks/bench_score.py (GPU part);
 #   4. dsalign._C built with its CUDA sources (in the background from the start), and the CUDA Viterbi tests;
-#   5. bench_decode.py --device cuda, then bench_train.py (bf16).
+#   5. bench_decode.py --device cuda, then bench_train.py (bf16);
+#   6. feature extraction on the GPU with worker processes: its CUDA test, bench_features.py --device cuda.
 # Everything lands in OUT_DIR (default benchmarks/out/gpu): gpu_check.log and the benchmark JSONs, which a
 # run stopped early still holds up to its last measured row. Assumes torch with CUDA, triton and pytest are
 # importable; the wheels in .whl/ (benchmarks/gpu_wheels.sh: deepspeed, webdataset, the backbone, for
 # bench_train) are installed first into a folder on PYTHONPATH when present (carry .whl with the tree).
 #
-#     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]     STEPS: comma list of env,tests,score,viterbi,decode,train
-# Limits: TESTS_LIMIT, SCORE_LIMIT, TRAIN_LIMIT (seconds); extra arguments: SCORE_ARGS, TRAIN_ARGS;
+#     bash benchmarks/gpu_check.sh [OUT_DIR] [STEPS]
+#     STEPS: comma list of env,tests,score,viterbi,decode,train,features
+# Limits: TESTS_LIMIT, SCORE_LIMIT, TRAIN_LIMIT, FEATURES_LIMIT (seconds); extra arguments: SCORE_ARGS, TRAIN_ARGS;
 # TRAIN_AUTOTUNE=0 trains on one Triton config (no autotuning inside the timed runs).
 # On an H200 (2026-11-30): tests ~2 min (with 13 forward and 8 backward configs; 25 and 13 now, and the tests
 # run the backward both as one-hot GEMMs and as the fused kernels), bench_score ~2 min per dtype (fp32's
@@ -23,7 +25,7 @@
 #   bash benchmarks/gpu_check.sh "$OUT" viterbi,train
 set -u
 out=${1:-benchmarks/out/gpu}
-steps=${2:-env,tests,score,viterbi,decode,train}
+steps=${2:-env,tests,score,viterbi,decode,train,features}
 mkdir -p "$out"
 log="$out/gpu_check.log"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -83,5 +85,10 @@ if wanted decode; then
 fi
 if wanted train; then
     DSALIGN_TRITON_AUTOTUNE=${TRAIN_AUTOTUNE:-1} step train "${TRAIN_LIMIT:-180}" $py benchmarks/bench_train.py --out "$out/train_cuda.json" ${TRAIN_ARGS:-}
+fi
+if wanted features; then  # Flickr8k from ../shared when the tree has it, else shapes scenes at 224 px
+    step features "${FEATURES_LIMIT:-150}" bash -c "$py -m pytest -q -p no:cacheprovider tests/test_features_extract.py \
+        -k cuda && $py benchmarks/bench_features.py --device cuda --threads 4 --workers 8 --feed-workers 0,4,8,14 \
+        --images 1024 --chunk 256 --crop-images 64 --out $out/features_cuda.json"
 fi
 echo "=== done" | tee -a "$log"

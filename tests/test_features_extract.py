@@ -503,3 +503,23 @@ def test_gpu_runs_get_worker_processes_by_default(monkeypatch):
     assert default_workers("cuda") == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert default_workers("cuda") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_features_from_worker_processes_match_cpu(tmp_path, images_dir, extractor):
+    """On a GPU, with worker processes forked from a process that holds a CUDA context: the same regions as on
+    CPU in line, and the same features up to float16 storage and the GPU's TF32 convolutions."""
+    config = FeatureConfig(regions="selective-search", top_k=5, image_size=SIZE)
+    gpu = FeatureExtractor(config, "cuda", batch_size=3, workers=2)
+    assert next(gpu.backbone.parameters()).is_cuda
+    try:
+        _run(images_dir, tmp_path / "cuda", gpu)
+    finally:
+        gpu.close()
+    _run(images_dir, tmp_path / "cpu", FeatureExtractor(config, batch_size=3, backbone=extractor.backbone))
+    for split in ("train", "val"):
+        on_gpu, _ = _read_split(tmp_path / "cuda", split)
+        on_cpu, _ = _read_split(tmp_path / "cpu", split)
+        for a, b in zip(on_gpu, on_cpu, strict=True):
+            assert a["keys"] == b["keys"] and torch.equal(a["boxes"], b["boxes"])
+            torch.testing.assert_close(a["regions"], b["regions"], atol=0.05, rtol=0.02)
