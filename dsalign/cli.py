@@ -50,6 +50,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument("--n-test", type=non_negative, default=200, help="shapes: test images")
     prepare.add_argument("--seed", type=int, default=0, help="shapes: generator seed")
     prepare.add_argument("--image-size", type=positive, default=128, help="shapes: image side in pixels")
+    prepare.add_argument("--workers", type=non_negative, default=0,
+                         help="processes that read, check and (--max-side) shrink the images; the output is the "
+                              "same (default 0: in line)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared data set")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(func=_run_prepare)
@@ -93,7 +96,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
     name = "shapes" if args.source == "shapes" else args.captions[0].stem
     manifest = prepare_dataset(records, args.out, name, shard_size=args.shard_size, max_side=args.max_side,
                                min_count=args.min_count, vocab=vocab, total=total, overwrite=args.overwrite,
-                               progress=not args.quiet)
+                               progress=not args.quiet, workers=args.workers)
     print(_summary(manifest, args.out))
 
 

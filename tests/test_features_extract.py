@@ -154,7 +154,7 @@ def test_a_dead_worker_process_stops_the_run_with_one_line(tmp_path, extractor):
     dying = FeatureExtractor(config, batch_size=2, backbone=extractor.backbone, workers=1,
                              source=_DiesOnceInAWorker(3, tmp_path / "died", die_at=20))
     try:
-        with pytest.raises(RuntimeError, match="a feature worker process died .*rerun with --resume"):
+        with pytest.raises(RuntimeError, match="a worker process died .*rerun with --resume"):
             _run(src, tmp_path / "features", dying)
         assert not (tmp_path / "features" / "train" / "train-000000.tar").exists()  # the half shard is no shard
         _run(src, tmp_path / "features", dying, resume=True)  # the same extractor starts new workers
@@ -184,9 +184,9 @@ extractor = FeatureExtractor(FeatureConfig(regions="grid", top_k=3, image_size=6
                              backbone=backbone, source=SlowGrid(3), workers=2)
 
 def report_workers():
-    while extractor._pool is None or len(extractor._pool._processes) < 2:
+    while (pool := extractor._workers._pool) is None or len(pool._processes) < 2:
         time.sleep(0.05)
-    print(*extractor._pool._processes, flush=True)
+    print(*pool._processes, flush=True)
 
 threading.Thread(target=report_workers, daemon=True).start()
 extract_features(sys.argv[1], sys.argv[2], extractor.config, extractor=extractor, progress=False)

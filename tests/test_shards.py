@@ -53,6 +53,22 @@ def test_prepare_is_deterministic(tmp_path):
     assert _digest_tree(tmp_path / "a") == _digest_tree(tmp_path / "b")
 
 
+def test_worker_processes_write_the_same_data_set(tmp_path):
+    path, images = write_karpathy(tmp_path / "src", n_images=20)
+    (images / "img001.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (images / "img002.jpg").unlink()
+    for workers in (0, 2):
+        records = read_karpathy(path, images)
+        records[3].captions = []
+        prepare_dataset(records, tmp_path / str(workers), "t", shard_size=3, max_side=8, min_count=1,
+                        progress=False, workers=workers)
+    assert _digest_tree(tmp_path / "0") == _digest_tree(tmp_path / "2")  # shrunk images, skips, vocabulary, manifest
+    manifest = load_manifest(tmp_path / "2")
+    assert sum(s["images"] for s in manifest["splits"].values()) == 17
+    assert sorted((s["image_id"], s["reason"]) for s in manifest["skipped"]) == [
+        ("img001", "bad_image"), ("img002", "missing_image"), ("img003", "no_captions")]
+
+
 def test_vocabulary_comes_from_the_train_split_only(tmp_path):
     def record(split, word):
         return ImageRecord(f"{split}{word}", split, [Caption(word, [word])] * 5,

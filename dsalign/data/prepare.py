@@ -6,6 +6,7 @@ in the manifest, so nothing is silently lost. Output is deterministic for the sa
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 from collections import Counter
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from dsalign.data.images import decode_rgb, shrink_and_encode
 from dsalign.data.manifest import MANIFEST_NAME, write_manifest
+from dsalign.data.ordered_workers import OrderedWorkers
 from dsalign.data.records import ImageRecord
 from dsalign.data.shards import ShardWriter, record_to_sample
 from dsalign.text import Vocabulary
@@ -36,17 +38,20 @@ class _Skip(Exception):
     """A record that cannot be written; the message is the reason counted in the manifest."""
 
 
-def _load_image(record: ImageRecord, max_side: int | None) -> tuple[bytes, str]:
-    if record.image_bytes is not None:
-        data, ext = record.image_bytes, record.image_ext
+def _load_image(image_path: Path | None, image_bytes: bytes | None, image_ext: str, max_side: int | None
+                ) -> tuple[bytes, str] | _Skip:
+    """The record's image as stored (checked to decode, or shrunk and re-encoded), or why it is skipped
+    (returned, not raised: worker processes send it back)."""
+    if image_bytes is not None:
+        data, ext = image_bytes, image_ext
     else:
-        if record.image_path is None:
-            raise _Skip("missing_image")
+        if image_path is None:
+            return _Skip("missing_image")
         try:
-            data = Path(record.image_path).read_bytes()
-        except OSError as exc:
-            raise _Skip("missing_image") from exc
-        ext = Path(record.image_path).suffix.lstrip(".").lower() or "jpg"
+            data = Path(image_path).read_bytes()
+        except OSError:
+            return _Skip("missing_image")
+        ext = Path(image_path).suffix.lstrip(".").lower() or "jpg"
         ext = "jpg" if ext == "jpeg" else ext
     try:
         shrunk = shrink_and_encode(data, max_side) if max_side else None
@@ -54,16 +59,18 @@ def _load_image(record: ImageRecord, max_side: int | None) -> tuple[bytes, str]:
             decode_rgb(data)  # verify it decodes, so training never meets it
         else:
             data, ext = shrunk
-    except ValueError as exc:
-        raise _Skip("bad_image") from exc
+    except ValueError:
+        return _Skip("bad_image")
     return data, ext
 
 
-def _check_split(record: ImageRecord) -> None:
-    """The split names an output folder: anything but a plain name (``../x``, ``/tmp``) could write outside it."""
+def _check_split(record: ImageRecord) -> ImageRecord:
+    """The record, if its split is a plain name: it names an output folder, and anything else (``../x``,
+    ``/tmp``) could write outside it."""
     if not isinstance(record.split, str) or not _PLAIN_NAME.fullmatch(record.split):
         raise ValueError(f"record {record.image_id}: split {record.split!r} must be a plain name "
                          "(letters, digits, '_' or '-')")
+    return record
 
 
 def _clear_previous(out_dir: Path, overwrite: bool) -> None:
@@ -91,10 +98,12 @@ def prepare_dataset(
     total: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 0,
 ) -> dict:
     """Write shards under ``out_dir/<split>/<split>-NNNNNN.tar``; return the manifest written beside them.
 
     The vocabulary is built from the *train* split only (words seen >= ``min_count`` times) unless one is given.
+    ``workers`` > 0: processes read, check (decode) and shrink the images; the output is the same.
     """
     out = Path(out_dir)
     _clear_previous(out, overwrite)
@@ -104,28 +113,35 @@ def prepare_dataset(
     skipped: list[dict] = []
     train_tokens: Counter[str] = Counter()
     bar = tqdm(records, total=total, desc=f"prepare {name}", unit="img", disable=not progress)
-    for record in bar:
-        _check_split(record)
-        split_stats = stats.setdefault(record.split, SplitStats())
-        captions = [c for c in record.captions if c.tokens]
-        split_stats.skipped["empty_caption"] += len(record.captions) - len(captions)
-        try:
+    listing, jobs = itertools.tee(_check_split(record) for record in bar)
+    arguments = ((r.image_path, r.image_bytes, r.image_ext, max_side) if any(c.tokens for c in r.captions)
+                 else (None, None, "", None) for r in jobs)  # no captions: skipped as such, nothing to read
+    loader = OrderedWorkers(workers, _load_image) if workers else None
+    loaded = loader.starmap(arguments) if loader else (_load_image(*a) for a in arguments)
+    try:
+        for record, image in zip(listing, loaded):
+            split_stats = stats.setdefault(record.split, SplitStats())
+            captions = [c for c in record.captions if c.tokens]
+            split_stats.skipped["empty_caption"] += len(record.captions) - len(captions)
             if not captions:
-                raise _Skip("no_captions")
-            data, ext = _load_image(record, max_side)
-        except _Skip as skip:
-            split_stats.skipped[str(skip)] += 1
-            skipped.append({"image_id": record.image_id, "split": record.split, "reason": str(skip)})
-            continue
-        record.captions = captions
-        if record.split not in writers:
-            writers[record.split] = ShardWriter(out / record.split, record.split, max_count=shard_size)
-        writers[record.split].write(f"{split_stats.images:09d}", record_to_sample(record, data, ext))
-        split_stats.images += 1
-        split_stats.captions += len(captions)
-        if record.split == "train":
-            for caption in captions:
-                train_tokens.update(caption.tokens)
+                image = _Skip("no_captions")
+            if isinstance(image, _Skip):
+                split_stats.skipped[str(image)] += 1
+                skipped.append({"image_id": record.image_id, "split": record.split, "reason": str(image)})
+                continue
+            record.captions = captions
+            if record.split not in writers:
+                writers[record.split] = ShardWriter(out / record.split, record.split, max_count=shard_size)
+            writers[record.split].write(f"{split_stats.images:09d}", record_to_sample(record, *image))
+            split_stats.images += 1
+            split_stats.captions += len(captions)
+            if record.split == "train":
+                for caption in captions:
+                    train_tokens.update(caption.tokens)
+    finally:
+        loaded.close()  # an early stop drops the queued work
+        if loader:
+            loader.close()
     for writer in writers.values():
         writer.close()
     if vocab is None:

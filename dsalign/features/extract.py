@@ -24,17 +24,11 @@ import io
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -46,6 +40,7 @@ from tqdm import tqdm
 
 from dsalign.data.images import decode_rgb
 from dsalign.data.manifest import MANIFEST_NAME, load_manifest, write_manifest
+from dsalign.data.ordered_workers import TASK_SIZE, OrderedWorkers
 from dsalign.data.pipeline import SampleError, decode_meta, dist_info, iter_shard
 from dsalign.data.prepare import VOCAB_NAME
 from dsalign.data.shard_output import STATS_SUFFIX, TMP_PREFIX, AtomicShard, finished_stats
@@ -257,8 +252,11 @@ class ImagePreparer:
         self.config = config
         self.source = source if source.per_image else None
 
-    def __call__(self, encoded: bytes, meta: dict) -> PreparedImage | SampleError:
-        """An encoded image (PNG, JPEG, ...) prepared, or the SampleError that skips it."""
+    def __call__(self, encoded: bytes | SampleError, meta: dict | None) -> PreparedImage | SampleError:
+        """An encoded image (PNG, JPEG, ...) prepared, or the SampleError that skips it (a sample skipped
+        already, its error passed in, stays skipped)."""
+        if isinstance(encoded, SampleError):
+            return encoded
         try:
             image = decode_rgb(encoded)
         except ValueError as exc:
@@ -276,32 +274,6 @@ class ImagePreparer:
         return select_regions(proposals, self.config.top_k, self.config.min_side, self.config.nms_iou)
 
 
-_worker_preparer: ImagePreparer | None = None  # set in each worker process by _start_worker
-
-
-def _start_worker(preparer: ImagePreparer, parent: int) -> None:
-    global _worker_preparer
-    _worker_preparer = preparer
-    torch.set_num_threads(1)  # many workers beside the CNN's own threads: one each, as DataLoader workers do
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it stops the pool)
-    threading.Thread(target=_exit_without, args=(parent,), name="parent-watch", daemon=True).start()
-
-
-def _exit_without(parent: int, poll_s: float = 0.5) -> None:
-    """End this worker once its main process is gone (killed for memory, SIGKILL, SIGTERM): nothing would stop it
-    otherwise, and it would keep the main process's stdout open (a ``| tee`` would never end)."""
-    while os.getppid() == parent:
-        time.sleep(poll_s)
-    os._exit(1)
-
-
-def _prepare_in_worker(jobs: list[tuple[bytes, dict]]) -> list[PreparedImage | SampleError]:
-    assert _worker_preparer is not None
-    return [_worker_preparer(encoded, meta) for encoded, meta in jobs]
-
-
-# Images per worker task: one task per image spent ~0.8 ms of the main process per image on submitting.
-TASK_IMAGES = 8
 _Parsed = tuple[str, dict | None, bytes | PreparedImage | SampleError]  # key, metadata, image or its outcome
 
 
@@ -333,7 +305,9 @@ class FeatureExtractor:
             detector_size=config.detector_size, detector_score=config.detector_score, device=device)
         self.featurizer = RegionFeaturizer(self.backbone, config.image_size, config.pooling, config.crop_size)
         self.preparer = ImagePreparer(config, self.source)
-        self._pool: ProcessPoolExecutor | None = None
+        self._workers = OrderedWorkers(workers, self.preparer, ahead=2 * workers + -(-batch_size // TASK_SIZE),
+                                       on_death="finished shards are kept: rerun with --resume, with fewer "
+                                                "--workers if memory ran out") if workers else None
 
     @property
     def feature_dim(self) -> int:
@@ -344,9 +318,8 @@ class FeatureExtractor:
 
     def close(self) -> None:
         """Stop the worker processes, if any started (a later shard starts new ones)."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        if self._workers is not None:
+            self._workers.close()
 
     def extract(self, images: Sequence[Image.Image], metas: Sequence[dict] | None = None
                 ) -> list[RegionFeatures | SampleError]:
@@ -397,33 +370,14 @@ class FeatureExtractor:
         shard.commit(stats.to_json())
 
     def _prepare_all(self, samples: Iterator[tuple[str, dict[str, bytes]]]) -> Iterator[_Parsed]:
-        """Every sample prepared, in shard order: in line, or by the worker processes in tasks of
-        ``TASK_IMAGES`` images, up to ``2 x workers`` tasks and a batch ahead of the CNN."""
-        parsed = (_parse(key, raw) for key, raw in samples)
-        if not self.workers:
-            for key, meta, work in parsed:
-                yield key, meta, work if isinstance(work, SampleError) else self.preparer(work, meta)
-            return
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=_worker_context(), initializer=_start_worker,
-                                             initargs=(self.preparer, os.getpid()))
-        ahead_limit = 2 * self.workers + -(-self.batch_size // TASK_IMAGES)
-        ahead: deque[tuple[list[_Parsed], Future]] = deque()
-        try:
-            while task := list(itertools.islice(parsed, TASK_IMAGES)):
-                jobs = [(work, meta) for _, meta, work in task if not isinstance(work, SampleError)]
-                ahead.append((task, self._pool.submit(_prepare_in_worker, jobs)))
-                while len(ahead) > ahead_limit:
-                    yield from _resolved(*ahead.popleft())
-            while ahead:
-                yield from _resolved(*ahead.popleft())
-        except BrokenProcessPool as exc:  # from submit or from a result, whichever came first after the death
-            self.close()  # the next shard (or call) starts new workers
-            raise RuntimeError(f"a feature worker process died ({exc}); finished shards are kept: rerun with "
-                               "--resume, with fewer --workers if memory ran out") from exc
-        finally:  # stopped early (an error, Ctrl-C): drop the work queued for this shard
-            for _, future in ahead:
-                future.cancel()
+        """Every sample prepared, in shard order: in line, or by the worker processes, which stay up to two
+        tasks each and a batch ahead of the CNN."""
+        listing, jobs = itertools.tee(_parse(key, raw) for key, raw in samples)
+        arguments = ((work, meta) for _, meta, work in jobs)
+        prepared = self._workers.starmap(arguments) if self._workers else (self.preparer(*a) for a in arguments)
+        with contextlib.closing(prepared):  # stopped early: the workers drop the rest of this shard's tasks
+            for (key, meta, _), result in zip(listing, prepared):
+                yield key, meta, result
 
     def _write(self, batch: list[_Ready], writer: ShardWriter, stats: ShardStats, bar: tqdm | None) -> None:
         if not batch:
@@ -451,12 +405,6 @@ class FeatureExtractor:
                 stats.no_boxes += 1
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """fork on Linux, as DataLoader workers: instant, and the region source is inherited (the workers never touch
-    CUDA, so a parent that holds a GPU context is fine); spawn elsewhere (fork is unsafe on macOS)."""
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-
-
 def _parse(key: str, raw: dict[str, bytes]) -> _Parsed:
     """(key, metadata, encoded image), or the SampleError that skips the sample (metadata None if unreadable)."""
     meta = None
@@ -468,13 +416,6 @@ def _parse(key: str, raw: dict[str, bytes]) -> _Parsed:
         return key, meta, member[1]
     except SampleError as exc:
         return key, meta, exc
-
-
-def _resolved(task: list[_Parsed], future: Future) -> Iterator[_Parsed]:
-    """The task's samples with the worker's results in place of the encoded images."""
-    results = iter(future.result())
-    for key, meta, work in task:
-        yield key, meta, work if isinstance(work, SampleError) else next(results)
 
 
 def _advance(bar: tqdm | None) -> None:
