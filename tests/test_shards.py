@@ -69,6 +69,38 @@ def test_worker_processes_write_the_same_data_set(tmp_path):
         ("img001", "bad_image"), ("img002", "missing_image"), ("img003", "no_captions")]
 
 
+def test_a_failed_run_leaves_nothing_behind_and_can_run_again(tmp_path, monkeypatch):
+    """A bad record half way, or a worker killed (here: on img010's image), stops the run with one line; the
+    shards already written go, so the same command runs again (the folder was refused as "not empty" before)."""
+    import os
+
+    from dsalign.data import prepare
+
+    path, images = write_karpathy(tmp_path / "src", n_images=30)
+    records = read_karpathy(path, images)
+    records[20].split = "../outside"
+    with pytest.raises(ValueError, match="plain name"):
+        prepare_dataset(records, tmp_path / "out", "t", shard_size=2, min_count=1, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+    load, parent = prepare._load_image, os.getpid()
+
+    def dies_on_img010(image_path, *args):
+        if os.getpid() != parent and image_path is not None and image_path.name == "img010.jpg":
+            os._exit(3)
+        return load(image_path, *args)
+
+    monkeypatch.setattr(prepare, "_load_image", dies_on_img010)
+    with pytest.raises(RuntimeError, match="a worker process died .*rerun with fewer --workers"):
+        prepare_dataset(read_karpathy(path, images), tmp_path / "out", "t", shard_size=2, min_count=1,
+                        progress=False, workers=2)
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(prepare, "_load_image", load)
+    manifest = prepare_dataset(read_karpathy(path, images), tmp_path / "out", "t", shard_size=2, min_count=1,
+                               progress=False, workers=2)
+    assert sum(s["images"] for s in manifest["splits"].values()) == 30
+
+
 def test_vocabulary_comes_from_the_train_split_only(tmp_path):
     def record(split, word):
         return ImageRecord(f"{split}{word}", split, [Caption(word, [word])] * 5,

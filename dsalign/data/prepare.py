@@ -103,12 +103,49 @@ def prepare_dataset(
     """Write shards under ``out_dir/<split>/<split>-NNNNNN.tar``; return the manifest written beside them.
 
     The vocabulary is built from the *train* split only (words seen >= ``min_count`` times) unless one is given.
-    ``workers`` > 0: processes read, check (decode) and shrink the images; the output is the same.
+    ``workers`` > 0: processes read, check (decode) and shrink the images; the output is the same (``records``
+    are then read a few dozen ahead: each must be an object of its own). A run that fails leaves nothing behind.
     """
     out = Path(out_dir)
     _clear_previous(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     writers: dict[str, ShardWriter] = {}
+    try:
+        stats, skipped, train_tokens = _write_shards(records, out, writers, shard_size, max_side, total, name,
+                                                     progress, workers)
+        if vocab is None:
+            if not train_tokens:
+                raise ValueError("no training captions to build a vocabulary from (pass --vocab FILE)")
+            vocab = Vocabulary.from_counts(train_tokens, min_count=min_count)
+        vocab.save(out / VOCAB_NAME)
+        manifest = {
+            "name": name,
+            "vocab": VOCAB_NAME,
+            "vocab_size": len(vocab),
+            "max_side": max_side,
+            "splits": {
+                split: {
+                    "images": s.images,
+                    "captions": s.captions,
+                    "shards": [str(p.relative_to(out)) for p in writers[split].paths] if split in writers else [],
+                    "skipped": dict(sorted(s.skipped.items())),
+                }
+                for split, s in sorted(stats.items())
+            },
+            "skipped": skipped,
+        }
+        write_manifest(out, manifest)
+    except BaseException:  # a bad record, a dead worker, Ctrl-C: leave the folder as found, so the command can rerun
+        _remove_output(out, writers)
+        raise
+    return manifest
+
+
+def _write_shards(records: Iterable[ImageRecord], out: Path, writers: dict[str, ShardWriter], shard_size: int,
+                  max_side: int | None, total: int | None, name: str, progress: bool, workers: int
+                  ) -> tuple[dict[str, SplitStats], list[dict], Counter[str]]:
+    """Every usable record into its split's shards (``writers``, filled as splits appear); the counts, the
+    skipped records and the training split's word counts."""
     stats: dict[str, SplitStats] = {}
     skipped: list[dict] = []
     train_tokens: Counter[str] = Counter()
@@ -142,28 +179,17 @@ def prepare_dataset(
         loaded.close()  # an early stop drops the queued work
         if loader:
             loader.close()
+        for writer in writers.values():
+            writer.close()
+    return stats, skipped, train_tokens
+
+
+def _remove_output(out: Path, writers: dict[str, ShardWriter]) -> None:
+    """Delete what a failed run wrote: its shards, their split folders once empty, the vocabulary."""
     for writer in writers.values():
         writer.close()
-    if vocab is None:
-        if not train_tokens:
-            raise ValueError("no training captions to build a vocabulary from (pass --vocab FILE)")
-        vocab = Vocabulary.from_counts(train_tokens, min_count=min_count)
-    vocab.save(out / VOCAB_NAME)
-    manifest = {
-        "name": name,
-        "vocab": VOCAB_NAME,
-        "vocab_size": len(vocab),
-        "max_side": max_side,
-        "splits": {
-            split: {
-                "images": s.images,
-                "captions": s.captions,
-                "shards": [str(p.relative_to(out)) for p in writers[split].paths] if split in writers else [],
-                "skipped": dict(sorted(s.skipped.items())),
-            }
-            for split, s in sorted(stats.items())
-        },
-        "skipped": skipped,
-    }
-    write_manifest(out, manifest)
-    return manifest
+        for path in writer.paths:
+            path.unlink(missing_ok=True)
+        if writer.directory.is_dir() and not any(writer.directory.iterdir()):
+            writer.directory.rmdir()
+    (out / VOCAB_NAME).unlink(missing_ok=True)
