@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "raw_crop": raw_crop, "crop_pipeline_grid": crop_runs,
                    **{f"feed_workers_{w}": runs for w, runs in feed_runs.items()}},
     }
-    for extractor in (*extractors.values(), *feeders.values()):
+    for extractor in (*extractors.values(), cropper, *feeders.values()):
         extractor.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

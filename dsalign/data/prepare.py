@@ -185,9 +185,9 @@ def _write_shards(records: Iterable[ImageRecord], out: Path, writers: dict[str, 
 
 
 def _remove_output(out: Path, writers: dict[str, ShardWriter]) -> None:
-    """Delete what a failed run wrote: its shards, their split folders once empty, the vocabulary."""
+    """Delete what a failed run wrote (its writers closed): its shards, their split folders once empty, the
+    vocabulary."""
     for writer in writers.values():
-        writer.close()
         for path in writer.paths:
             path.unlink(missing_ok=True)
         if writer.directory.is_dir() and not any(writer.directory.iterdir()):

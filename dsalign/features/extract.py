@@ -526,27 +526,9 @@ def extract_features(in_dir: str | Path, out_dir: str | Path, config: FeatureCon
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     _prepare_output(out, resume, overwrite, world_size)
-    with contextlib.ExitStack() as owned:
-        if extractor is None:  # ours, closed at the end (a caller's keeps its worker processes for its next call)
-            extractor = owned.enter_context(contextlib.closing(
-                _new_extractor(config or FeatureConfig(), process_device(device), batch_size, workers)))
-        return _extract_all(src, out, source_manifest, vocab_path, extractor, rank, world_size, progress,
-                            wait_timeout, poll_s)
-
-
-def _new_extractor(config: FeatureConfig, device: torch.device, batch_size: int | None, workers: int | None
-                   ) -> FeatureExtractor:
-    extractor = FeatureExtractor(config, device, batch_size, workers=workers)
-    if device.type != "cpu" and not extractor.workers:
-        log.warning("features: --workers 0: images are decoded and their regions proposed in this process, which "
-                    "keeps the %s waiting", device.type.upper())
-    return extractor
-
-
-def _extract_all(src: Path, out: Path, source_manifest: dict, vocab_path: Path, extractor: FeatureExtractor,
-                 rank: int, world_size: int, progress: bool, wait_timeout: float | None, poll_s: float
-                 ) -> dict | None:
-    """The shards of this rank, then (rank 0) the manifest once every rank's shards exist."""
+    owned = extractor is None  # ours is closed after the shards; a caller's keeps its workers for its next call
+    if extractor is None:
+        extractor = _new_extractor(config or FeatureConfig(), process_device(device), batch_size, workers)
     settings = extractor.settings()
 
     jobs = [(split, rel) for split, info in sorted(source_manifest["splits"].items()) for rel in info["shards"]]
@@ -562,19 +544,32 @@ def _extract_all(src: Path, out: Path, source_manifest: dict, vocab_path: Path, 
     total = round(sum(per_shard[split] for split, _ in todo))
     desc = "features" if world_size == 1 else f"features rank {rank}/{world_size}"
     warned = False
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
-        for _, rel in todo:
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            stats = ShardStats(input=rel, settings=settings)
-            extractor.process_shard(str(src / rel), out / rel, stats, bar)
-            if stats.images and stats.no_boxes == stats.images and not warned:  # the end check may be hours away
-                log.warning("--regions given: none of the %d images of %s has boxes in the data (whole image "
-                            "only); a split without any is refused at the end", stats.images, rel)
-                warned = True
+    try:
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+            for _, rel in todo:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                stats = ShardStats(input=rel, settings=settings)
+                extractor.process_shard(str(src / rel), out / rel, stats, bar)
+                if stats.images and stats.no_boxes == stats.images and not warned:  # the end check: hours away
+                    log.warning("--regions given: none of the %d images of %s has boxes in the data (whole image "
+                                "only); a split without any is refused at the end", stats.images, rel)
+                    warned = True
+    finally:
+        if owned:  # before rank 0's wait for the other ranks, which may be long
+            extractor.close()
     if rank != 0:
         return None
     _wait_for([out / rel for _, rel in jobs], wait_timeout, poll_s)
     return _write_feature_manifest(src, out, source_manifest, vocab_path, jobs, settings)
+
+
+def _new_extractor(config: FeatureConfig, device: torch.device, batch_size: int | None, workers: int | None
+                   ) -> FeatureExtractor:
+    extractor = FeatureExtractor(config, device, batch_size, workers=workers)
+    if device.type != "cpu" and not extractor.workers:
+        log.warning("features: --workers 0: images are decoded and their regions proposed in this process, which "
+                    "keeps the %s waiting", device.type.upper())
+    return extractor
 
 
 def _write_feature_manifest(src: Path, out: Path, source_manifest: dict, vocab_path: Path,
